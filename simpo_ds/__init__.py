@@ -1,0 +1,10 @@
+"""simpo-ds: DeepSpeed-native SimPO (Meng, Xia & Chen 2024) with exact multi-pair sequence packing.
+
+Pure components (``simpo_ds.data``, ``simpo_ds.loss``) import torch and tokenizers only; DeepSpeed is
+imported by ``simpo_ds.engine`` alone.
+"""
+
+from simpo_ds.config import ConfigError, SimPOConfig
+
+__all__ = ["ConfigError", "SimPOConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,322 @@
+"""One run configuration: dataclass defaults <- YAML recipe <- ``--key value`` overrides.
+
+Field names follow the reference ``SimPOConfig`` (princeton-nlp/SimPO) and Hugging Face
+``TrainingArguments`` wherever those have a name for the concept. Every field has a comment; the
+README's config reference table is generated from the same fields (``python -m simpo_ds.config``).
+
+Errors are ``ConfigError`` with a message naming the key (and the file it came from), so the CLI can
+exit non-zero with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class SimPOConfig:
+    # ---- model -------------------------------------------------------------------------------
+    model_name_or_path: str = ""  # local dir or hub id of the policy (a causal LM)
+    tokenizer_name_or_path: Optional[str] = None  # defaults to model_name_or_path
+    gguf_file: Optional[str] = None  # load weights from this gguf file inside model_name_or_path
+    torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "auto"  # auto | flash_attention_2 | varlen | sdpa | eager
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (use_reentrant=False)
+    trust_remote_code: bool = False  # passed to from_pretrained
+    use_peft: bool = False  # train LoRA adapters instead of all weights
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
+    lora_target_modules: list = field(default_factory=lambda: ["all-linear"])  # peft target modules
+    save_adapter_only: bool = False  # LoRA export: adapter only instead of merged weights
+
+    # ---- data --------------------------------------------------------------------------------
+    train_data: str = ""  # .jsonl/.json/.parquet file or dir, or hub "name[:split]"
+    eval_data: Optional[str] = None  # same forms; None = no evaluation
+    chat_template_mode: str = "reference"  # reference (answers rendered alone) | generation_prompt
+    auto_insert_empty_system_msg: bool = True  # reference run_simpo.py behaviour
+    max_length: int = 2048  # prompt + answer tokens per sequence (reference recipes)
+    max_prompt_length: int = 1800  # prompt tokens kept when a pair is too long
+    truncation_mode: str = "keep_end"  # keep_end | keep_start (which prompt tokens survive)
+    label_pad_token_id: int = -100  # label of positions that carry no loss
+    strict: bool = False  # make dropped rows (empty answer after truncation, ...) an error
+    dataset_num_proc: Optional[int] = None  # processes for tokenization (datasets.map)
+
+    # ---- packing -----------------------------------------------------------------------------
+    packing: bool = True  # pack pairs into varlen rows; false = padded reference batches
+    max_tokens_per_microbatch: int = 8192  # token budget of one packed micro-batch (per rank)
+    prompt_sharing: bool = False  # one [prompt | chosen | rejected] segment per pair (issue 9)
+
+    # ---- SimPO -------------------------------------------------------------------------------
+    beta: float = 2.0  # reward scale
+    gamma_beta_ratio: Optional[float] = None  # target margin over beta; None = 0.25 (reference)
+    simpo_gamma: Optional[float] = None  # absolute margin alias, folded into gamma_beta_ratio = simpo_gamma / beta
+    sft_weight: float = 0.0  # weight of the chosen NLL term (0 = pure SimPO)
+    loss_type: str = "sigmoid"  # sigmoid | hinge
+    label_smoothing: float = 0.0  # conservative sigmoid loss (ignored by hinge)
+    disable_dropout: bool = True  # set every dropout probability to 0
+
+    # ---- optimisation ------------------------------------------------------------------------
+    output_dir: str = "outputs/simpo"  # metrics.jsonl, checkpoints/, final/
+    train_batch_size: int = 128  # GLOBAL batch in pairs per optimizer step
+    per_device_train_batch_size: Optional[int] = None  # TrainingArguments style (see README)
+    gradient_accumulation_steps: Optional[int] = None  # TrainingArguments style (see README)
+    learning_rate: float = 1e-6  # peak learning rate
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant | constant_with_warmup
+    warmup_ratio: float = 0.1  # fraction of steps with linear warmup
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # global gradient clipping (0 = off)
+    num_train_epochs: float = 1.0  # epochs (ignored when max_steps > 0)
+    max_steps: int = -1  # optimizer steps; -1 = from num_train_epochs
+    seed: int = 42  # data order, pack plan, init of LoRA
+
+    # ---- evaluation, logging, checkpoints ----------------------------------------------------
+    eval_steps: Optional[int] = None  # evaluate every N steps (and at the end); None = end only
+    eval_on_start: bool = False  # evaluate before the first step (logged at step 0)
+    logging_steps: int = 1  # train metrics averaged over this many steps
+    report_to: list = field(default_factory=list)  # [] | ["wandb"]
+    run_name: Optional[str] = None  # wandb run name
+    save_steps: int = 0  # DeepSpeed checkpoint every N steps (0 = only on preemption)
+    save_total_limit: int = 2  # keep the last N checkpoints
+    resume_from_checkpoint: Optional[str] = None  # latest | PATH
+    save_final: bool = True  # export output_dir/final/ (safetensors + tokenizer)
+
+    # ---- DeepSpeed / systems -----------------------------------------------------------------
+    deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero3.json); CLI alias --ds
+    bf16: Optional[bool] = None  # TrainingArguments style alias of torch_dtype=bfloat16
+    collective_timeout_s: int = 1800  # a collective that hangs longer becomes an error
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (known GPUs detected)
+    logits_chunk_size: int = 2048  # rows of lm_head logits materialised at once
+
+    def __post_init__(self) -> None:
+        if self.simpo_gamma is not None:
+            if self.gamma_beta_ratio is not None:
+                raise ConfigError(
+                    "config keys 'simpo_gamma' and 'gamma_beta_ratio' are both set: use one "
+                    "(simpo_gamma = gamma_beta_ratio * beta)"
+                )
+            if self.beta <= 0:
+                raise ConfigError(f"config key 'beta': must be > 0 (got {self.beta!r})")
+            self.gamma_beta_ratio = float(self.simpo_gamma) / self.beta
+            self.simpo_gamma = None
+        if self.gamma_beta_ratio is None:
+            self.gamma_beta_ratio = 0.25
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Fail fast with the key name on impossible values."""
+
+        def bad(key: str, why: str) -> None:
+            raise ConfigError(f"config key '{key}': {why} (got {getattr(self, key)!r})")
+
+        choices = {
+            "loss_type": ("sigmoid", "hinge"),
+            "truncation_mode": ("keep_end", "keep_start"),
+            "chat_template_mode": ("reference", "generation_prompt"),
+            "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+            "attn_implementation": ("auto", "flash_attention_2", "varlen", "sdpa", "eager"),
+            "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"must be one of {', '.join(allowed)}")
+        if self.beta <= 0:
+            bad("beta", "must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", "must be in [0, 0.5)")
+        if self.sft_weight < 0:
+            bad("sft_weight", "must be >= 0")
+        if self.max_length <= 1:
+            bad("max_length", "must be > 1")
+        if not 0 < self.max_prompt_length < self.max_length:
+            bad("max_prompt_length", f"must be > 0 and < max_length ({self.max_length})")
+        if self.max_tokens_per_microbatch <= 0:
+            bad("max_tokens_per_microbatch", "must be > 0")
+        if self.train_batch_size <= 0:
+            bad("train_batch_size", "must be > 0")
+        if self.learning_rate < 0:
+            bad("learning_rate", "must be >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            bad("warmup_ratio", "must be in [0, 1]")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", "must be -1 (use num_train_epochs) or > 0")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            bad("num_train_epochs", "must be > 0 when max_steps is -1")
+        for key in ("logging_steps", "logits_chunk_size"):
+            if getattr(self, key) <= 0:
+                bad(key, "must be > 0")
+        for key in ("eval_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                bad(key, "must be > 0 when set")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            bad("save_steps" if self.save_steps < 0 else "save_total_limit", "out of range")
+        unknown_reports = set(self.report_to) - {"wandb", "none"}
+        if unknown_reports:
+            bad("report_to", "supported: wandb, none")
+        if self.use_peft and self.lora_r <= 0:
+            bad("lora_r", "must be > 0")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        """Absolute target margin gamma = gamma_beta_ratio * beta."""
+        return self.gamma_beta_ratio * self.beta
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_KEY_ALIASES = {"ds": "deepspeed", "ds_config": "deepspeed"}
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(SimPOConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SimPOConfig)}
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_field_types()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
+    """Turn a YAML value or a CLI string into the field's type, naming the key on failure."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is list or typing.get_origin(typ) is list:
+            if isinstance(value, str):
+                value = value.strip()
+                if value.startswith("["):
+                    return list(json.loads(value))
+                return [v for v in value.split(",") if v]
+            return list(value)
+        if typ is str:
+            return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"config key '{key}' in {source}: cannot read {value!r} ({err})") from None
+    return value
+
+
+def build_config(values: dict, source: str = "arguments") -> SimPOConfig:
+    """Build a validated config from a flat dict of (possibly string) values."""
+    types_ = _field_types()
+    clean = {}
+    for key, value in values.items():
+        key = _KEY_ALIASES.get(key, key)
+        if key not in types_:
+            raise _unknown_key(key, source)
+        clean[key] = _coerce(key, value, types_[key], source)
+    if clean.get("bf16"):
+        clean.setdefault("torch_dtype", "bfloat16")
+    try:
+        return SimPOConfig(**clean)
+    except TypeError as err:  # a dataclass argument problem: name it
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``["--beta", "2.5", "--packing=false"]`` -> ``{"beta": "2.5", "packing": "false"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are --key value")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"  # a bare flag: --eval_on_start
+            i += 1
+        out[key] = value
+    return out
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> SimPOConfig:
+    """Defaults <- YAML recipe <- CLI overrides (later wins)."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if recipe:
+        import yaml
+
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {recipe}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {recipe}: expected a mapping of key: value")
+        for key in loaded:
+            if _KEY_ALIASES.get(key, key) not in _field_types():
+                raise _unknown_key(key, recipe)
+        values.update(loaded)
+        source = f"{recipe} / command line"
+    cli = parse_overrides(overrides or [])
+    if "simpo_gamma" in cli:
+        values.pop("gamma_beta_ratio", None)  # an explicit CLI gamma replaces the recipe's ratio
+    if "gamma_beta_ratio" in cli:
+        values.pop("simpo_gamma", None)
+    values.update(cli)
+    return build_config(values, source)
+
+
+def config_reference_markdown() -> str:
+    """The README's config table, generated from the dataclass source comments."""
+    import inspect
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    src = inspect.getsource(SimPOConfig).splitlines()
+    for line in src:
+        stripped = line.strip()
+        if ":" not in stripped or stripped.startswith(("#", "def ", "@", "class", '"')):
+            continue
+        name = stripped.split(":", 1)[0].strip()
+        if name not in _field_types():
+            continue
+        comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+        f = next(f for f in dataclasses.fields(SimPOConfig) if f.name == name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"| `{name}` | `{default!r}` | {comment} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

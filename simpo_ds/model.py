@@ -1,0 +1,137 @@
+"""The policy: a Hugging Face causal LM behind one ``forward(batch) -> SequenceLogps``.
+
+``SimPOPolicy`` runs the decoder body on a packed row (or a padded batch) and hands the hidden states to
+the chunked reducer, which calls the lm_head as a module. DeepSpeed wraps this module, so ZeRO-3's
+parameter hooks see every call (body, and lm_head chunks in forward and in their recomputation).
+
+Loading (``load_model``) is plain ``from_pretrained``: the engine creates ``HfDeepSpeedConfig``
+beforehand so ZeRO-3 partitions the weights while they load.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from simpo_ds.loss import SequenceLogps, reduce_sequence_logps
+
+logger = logging.getLogger(__name__)
+
+BATCH_TENSORS = (
+    "input_ids",
+    "position_ids",
+    "attention_mask",
+    "labels",
+    "cu_seqlens",
+    "pred_positions",
+    "pred_labels",
+    "pred_seq",
+    "seq_num_tokens",
+    "chosen_seq",
+    "rejected_seq",
+    "seq_to_pair",
+    "seq_is_chosen",
+)
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move the tensors of a collated batch to ``device`` (non-blocking from pinned memory)."""
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
+
+
+class SimPOPolicy(nn.Module):
+    """Wraps a causal LM (optionally PEFT-wrapped) to return per-sequence answer log-prob sums.
+
+    forward(batch) with a packed batch (input_ids [1, T], position_ids [1, T], no attention_mask) or a
+    padded one (input_ids [R, L], attention_mask [R, L]) -> SequenceLogps over the batch's S sequences.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 2048, attn_kwargs_fn=None):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.attn_kwargs_fn = attn_kwargs_fn  # batch -> extra forward kwargs (varlen cu_seqlens)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers CausalLM (under a PEFT wrapper, its base model with LoRA layers in)."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(self, batch: dict) -> SequenceLogps:
+        lm = self.causal_lm
+        body, lm_head = lm.get_decoder(), lm.get_output_embeddings()
+        if "attention_mask" in batch:  # padded reference layout
+            out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        else:  # packed varlen row: block-causal attention from restarting position_ids
+            extra = self.attn_kwargs_fn(batch) if self.attn_kwargs_fn is not None else {}
+            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+        return reduce_sequence_logps(
+            out.last_hidden_state,
+            lm_head,
+            batch["pred_positions"],
+            batch["pred_labels"],
+            batch["pred_seq"],
+            batch["seq_num_tokens"],
+            chunk_size=self.chunk_size,
+        )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (reference ``disable_dropout_in_model``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and hasattr(config, key):
+            setattr(config, key, 0.0)
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """torch_dtype config value -> dtype; ``auto`` is bf16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with the run's dtype and attention; LoRA when asked.
+
+    Call inside the engine's ZeRO-3 context (HfDeepSpeedConfig alive) to partition while loading.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    return prepare_model(model, cfg)
+
+
+def prepare_model(model: nn.Module, cfg) -> nn.Module:
+    """Dropout off, gradient checkpointing, LoRA — for a freshly loaded (or user-given) model."""
+    model.config.use_cache = False
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0 if cfg.disable_dropout else cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+    return model
