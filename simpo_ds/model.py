@@ -135,3 +135,60 @@ def prepare_model(model: nn.Module, cfg) -> nn.Module:
             model.enable_input_require_grads()
         model = get_peft_model(model, lora)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+POLICY_PREFIX = "model."  # SimPOPolicy keeps the LM under .model
+
+
+def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
+    """PEFT LoRA state dict -> plain model state dict with W' = W + scaling * B @ A.
+
+    Keys ``base_model.model.<path>.base_layer.weight`` / ``.lora_A.<adapter>.weight`` /
+    ``.lora_B.<adapter>.weight`` become ``<path>.weight``; other keys lose the PEFT prefix.
+    """
+    prefix = "base_model.model."
+    merged, lora_a, lora_b = {}, {}, {}
+    for key, value in state_dict.items():
+        key = key[len(prefix) :] if key.startswith(prefix) else key
+        if ".lora_A." in key:
+            lora_a[key.split(".lora_A.")[0]] = value
+        elif ".lora_B." in key:
+            lora_b[key.split(".lora_B.")[0]] = value
+        else:
+            merged[key.replace(".base_layer.", ".")] = value
+    for module, a in lora_a.items():
+        weight = merged[f"{module}.weight"]
+        delta = (lora_b[module].float() @ a.float()) * scaling
+        merged[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+def export_pretrained(model: nn.Module, state_dict: dict, tokenizer, out_dir, cfg) -> None:
+    """Write ``out_dir`` (safetensors + config + tokenizer) atomically: into ``out_dir.partial``
+    first, renamed when complete. LoRA: merged weights, or the adapter alone with save_adapter_only."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    state_dict = {k[len(POLICY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
+    if hasattr(model, "peft_config"):
+        if cfg.save_adapter_only:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        else:
+            scaling = cfg.lora_alpha / cfg.lora_r
+            base = model.get_base_model()
+            base.save_pretrained(tmp, state_dict=merge_lora_state_dict(state_dict, scaling), safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

@@ -1,0 +1,61 @@
+"""Command line: ``simpo-ds train ...`` (same as launch/train.py)."""
+
+from __future__ import annotations
+
+import sys
+
+from simpo_ds.config import ConfigError, load_config
+
+
+def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config FILE`` out of argv; the rest are ``--key value`` overrides.
+
+    ``--local_rank`` (added by the deepspeed launcher) is ignored: LOCAL_RANK is in the env.
+    """
+    recipe, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            recipe, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            recipe, i = arg.split("=", 1)[1], i + 1
+        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            i += 1 if "=" in arg else 2
+        else:
+            rest.append(arg)
+            i += 1
+    return recipe, rest
+
+
+def train_main(argv: list[str]) -> int:
+    from simpo_ds.data.tokenize import DataError
+
+    try:
+        recipe, overrides = _split_args(argv)
+        cfg = load_config(recipe, overrides)
+        if not cfg.model_name_or_path or not cfg.train_data:
+            missing = "model_name_or_path" if not cfg.model_name_or_path else "train_data"
+            raise ConfigError(f"config key '{missing}' is required")
+        from simpo_ds.trainer import Trainer
+
+        Trainer(cfg).train()
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"simpo-ds: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: simpo-ds train [--config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    print(f"simpo-ds: unknown command {command!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Everything DeepSpeed: process group, config filling, ZeRO-3 loading context, engine, checkpoints.
+
+This is the only module that imports ``deepspeed``. The trainer owns gradient accumulation itself
+(a step has a variable number of packed micro-batches), so DeepSpeed is configured with one
+micro-batch per step and told where the accumulation boundary is::
+
+    engine.set_gradient_accumulation_boundary(last_micro_batch)
+    engine.backward(loss * world_size)   # undo DeepSpeed's 1/world_size gradient averaging
+    engine.step()                        # once, after the last micro-batch
+
+Checkpoints are written atomically: DeepSpeed saves into ``step_N.partial/``, rank 0 renames it to
+``step_N/`` after every rank has finished, then replaces ``latest`` (temp file + rename) and only then
+prunes older checkpoints — a crash at any point leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
+    """Join (or create, for a plain ``python`` run) the process group -> (rank, world_size, device).
+
+    Backend: nccl on CUDA, gloo on CPU (DeepSpeed's accelerator decides).
+    """
+    if "RANK" not in os.environ:  # single process without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s)
+        )
+    device = torch.device(accel.device_name(), local_rank) if accel.device_name() == "cuda" else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def device_type() -> str:
+    return get_accelerator().device_name()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned for chaining)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, hidden_size: int) -> dict:
+    """Read a ds_configs/*.json and fill every ``"auto"`` from the run config — the ONE place.
+
+    Batch fields: one micro-batch per DeepSpeed step (the trainer accumulates variable-size packed
+    micro-batches itself), so train_batch_size = world_size. Precision follows ``dtype``.
+    """
+    ds = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 3}}
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = world_size
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    if dtype == torch.float16:
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    zero = ds.setdefault("zero_optimization", {})
+    auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        fill = {
+            "lr": cfg.learning_rate,
+            "betas": [cfg.adam_beta1, cfg.adam_beta2],
+            "eps": cfg.adam_epsilon,
+            "weight_decay": cfg.weight_decay,
+        }
+        for key, value in fill.items():
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    elif zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW runs on the CPU copy
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero3_init_context(ds_config: dict):
+    """Keep the returned object alive while loading: transformers then loads under zero.Init."""
+    if zero_stage(ds_config) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine
+# ---------------------------------------------------------------------------------------------
+def build_engine(module: torch.nn.Module, ds_config: dict, cfg, scheduler_fn):
+    """deepspeed.initialize with the client AdamW (unless the DS config names an optimizer).
+
+    ``scheduler_fn(optimizer) -> LRScheduler`` builds the schedule on DeepSpeed's optimizer.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_fn,
+        config=ds_config,
+    )
+    return engine
+
+
+def global_grad_norm(engine) -> float:
+    """Global gradient norm before clipping, as DeepSpeed computed it in the last step."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def full_gradients(engine) -> dict[str, torch.Tensor]:
+    """Full (gathered) gradients of every trainable parameter; call between backward and step.
+
+    Collective under ZeRO-3: every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            grad = safe_get_full_grad(param)
+            if grad is not None:
+                out[name] = grad.detach().float().cpu().clone()
+    return out
+
+
+def consolidated_state_dict(engine) -> dict | None:
+    """Full model state dict on rank 0 (ZeRO-3: gathered 16-bit/param dtype), None elsewhere."""
+    if zero_stage(engine.config) == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if dist.get_rank() == 0:
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
+    """Atomic DeepSpeed checkpoint ``root/step_{step}`` (model, optimizer, scheduler, client_state)."""
+    root = Path(root)
+    tag = f"step_{step}"
+    partial = root / f"{tag}.partial"
+    if dist.get_rank() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
+    barrier()
+    final = root / tag
+    if dist.get_rank() == 0:
+        (partial / "COMPLETE").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(root: str | Path, which: str) -> Path:
+    """``latest`` -> the directory named by root/latest; a path -> itself. Verifies completeness."""
+    if which == "latest":
+        latest = Path(root) / LATEST
+        if not latest.is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {latest} (no checkpoint saved yet)")
+        path = Path(root) / latest.read_text().strip()
+    else:
+        path = Path(which)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if not (path / "COMPLETE").is_file():
+        raise RuntimeError(f"checkpoint {path} is incomplete (no COMPLETE marker): it was interrupted while saving")
+    return path
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Load model, optimizer, scheduler from a checkpoint directory -> its client_state."""
+    load_path, client_state = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    return client_state

@@ -1,0 +1,85 @@
+"""Where metrics go: ``output_dir/metrics.jsonl`` (rank 0, one flushed line per event), wandb, a bar.
+
+Record format (DESIGN.md §7)::
+
+    {"step": 10, "split": "train", "time": 1764000000.0, "epoch": 0.31, "loss": 0.69,
+     "rewards/accuracies": 0.62, ..., "lr": 1e-6, "grad_norm": 3.1, "tokens_per_s": 1840.2}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+# Peak dense bf16 TFLOP/s per device, for MFU (tensor cores, no sparsity).
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def detect_peak_tflops(device_type: str) -> float | None:
+    """Peak bf16 TFLOP/s of the local accelerator when its name is known, else None."""
+    if device_type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, value in KNOWN_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def training_flops(num_params: int, tokens: int, seq_sq_sum: int, num_layers: int, hidden: int) -> float:
+    """FLOPs of forward+backward: 6 N tokens + 12 L H sum_i s_i^2 (varlen attention, per sequence).
+
+    The attention term counts each packed sequence's own s_i^2 (block-diagonal), not the row length
+    squared (PaLM appendix B convention, causal masking not discounted).
+    """
+    return 6.0 * num_params * tokens + 12.0 * num_layers * hidden * seq_sq_sum
+
+
+def peak_memory_gb(device_type: str) -> float:
+    """Peak accelerator memory allocated (CUDA) or peak resident memory of the process (CPU)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Reporter:
+    """Writes records on rank 0 only; other ranks get a no-op reporter."""
+
+    def __init__(self, output_dir: str, rank: int, report_to: list, run_name: str | None, config: dict):
+        self.enabled = rank == 0
+        self.wandb = None
+        self.file = None
+        if not self.enabled:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        if "wandb" in report_to:
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", output_dir)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "simpo-ds"), name=run_name, config=config)
+
+    def log(self, split: str, step: int, epoch: float, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, "time": time.time(), "epoch": round(epoch, 4)}
+        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,413 @@
+"""The SimPO training loop on a DeepSpeed engine — read it top to bottom.
+
+    trainer = Trainer(cfg)          # cfg: simpo_ds.config.SimPOConfig
+    trainer.train()                 # setup -> [eval_on_start] -> steps -> final eval -> export
+
+One optimizer step = ``train_batch_size`` pairs (global). They are balanced over ranks by tokens,
+packed per rank into micro-batches under ``max_tokens_per_microbatch`` (same count on every rank),
+and each micro-batch contributes sum(pair losses) / N_step_pairs, so the gradient is that of the mean
+loss over the step's pairs whatever the packing (DESIGN.md §5). The data order is a seeded
+permutation per epoch, so the data position of a checkpoint is just the step number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from simpo_ds import engine as ds
+from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
+from simpo_ds.config import SimPOConfig
+from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
+from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
+from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, microbatch_loss
+from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
+from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb, training_flops
+
+logger = logging.getLogger("simpo_ds")
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+class PairData:
+    """A tokenized split with the per-pair lengths the planner needs (numpy, loaded once)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        lengths = dataset.map(
+            lambda b: {
+                "pair_tokens": [len(c) + len(r) for c, r in zip(b["chosen_input_ids"], b["rejected_input_ids"])],
+                "chosen_answer_tokens": [len(c) - p for c, p in zip(b["chosen_input_ids"], b["chosen_prompt_len"])],
+            },
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc="Measuring pairs",
+        )
+        self.pair_tokens = np.asarray(lengths["pair_tokens"], dtype=np.int64)
+        self.chosen_answer_tokens = np.asarray(lengths["chosen_answer_tokens"], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.pair_tokens)
+
+    def pairs(self, indices) -> list[dict]:
+        rows = self.dataset[[int(i) for i in indices]]
+        keys = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
+        return [dict(zip(keys, values)) for values in zip(*(rows[k] for k in keys))]
+
+
+class Trainer:
+    """SimPO on DeepSpeed. ``model``/``tokenizer``/datasets may be given as objects (Python API);
+    otherwise they are loaded from the config (CLI)."""
+
+    def __init__(
+        self,
+        cfg: SimPOConfig,
+        model=None,
+        tokenizer=None,
+        train_dataset=None,
+        eval_dataset=None,
+        callbacks: tuple[Callable, ...] = (),
+    ):
+        self.cfg = cfg
+        self._model_arg, self.tokenizer = model, tokenizer
+        self._train_arg, self._eval_arg = train_dataset, eval_dataset
+        self.callbacks = list(callbacks)  # fn(trainer, event: str, **info); events below
+        self.engine = None
+        self.step = 0
+
+    # =========================================================================================
+    # setup
+    # =========================================================================================
+    def setup(self) -> None:
+        if self.engine is not None:
+            return
+        cfg = self.cfg
+        self.rank, self.world_size, self.device = ds.init_distributed(cfg.collective_timeout_s)
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
+        _seed_everything(cfg.seed)
+        self.device_type = ds.device_type()
+        self.reporter = Reporter(cfg.output_dir, self.rank, cfg.report_to, cfg.run_name, cfg.to_dict())
+        self.tokenizer = self.tokenizer or _load_tokenizer(cfg)
+        self.train_data = self._prepare_split(self._train_arg if self._train_arg is not None else cfg.train_data, "train")
+        eval_source = self._eval_arg if self._eval_arg is not None else cfg.eval_data
+        self.eval_data = self._prepare_split(eval_source, "eval") if eval_source is not None else None
+        self.steps_per_epoch = math.ceil(len(self.train_data) / cfg.train_batch_size)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        self._setup_model()
+        if cfg.resume_from_checkpoint:
+            self._resume(cfg.resume_from_checkpoint)
+        logger.info(
+            "simpo-ds: %d pairs, %d steps of %d pairs, %d rank(s), attention=%s, dtype=%s, max_length=%d, "
+            "max_prompt_length=%d, packing=%s",
+            len(self.train_data), self.total_steps, cfg.train_batch_size, self.world_size, self.attn_impl,
+            self.dtype, cfg.max_length, cfg.max_prompt_length, cfg.packing,
+        )
+
+    def _prepare_split(self, source, split: str) -> PairData:
+        """Load, validate, tokenize (rank 0 first, so other ranks hit the datasets cache)."""
+        cfg = self.cfg
+        for turn in (0, 1):
+            if (self.rank == 0) == (turn == 0):
+                name = source if isinstance(source, str) else f"{split} dataset"
+                raw = load_pairs(source) if isinstance(source, str) else source
+                report = validate_columns(raw, name)
+                tokenized, stats = tokenize_dataset(raw, self.tokenizer, cfg, num_proc=cfg.dataset_num_proc)
+            ds.barrier()
+        if len(tokenized) == 0:
+            raise ValueError(f"{name}: no trainable pairs left ({stats})")
+        self.reporter.log("data", 0, 0.0, {"split_name": split, **stats, "warnings": report.get("warnings", {})})
+        if stats["dropped"]:
+            logger.warning("%s: dropped %s of %d rows", name, stats["dropped"], stats["rows"])
+        return PairData(tokenized)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.dtype = resolve_dtype(cfg.torch_dtype, self.device_type)
+        self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type)
+        register_attention()
+        model_config = _model_config(cfg, self._model_arg)
+        self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
+        self._zero3_context = ds.zero3_init_context(self.ds_config)  # must outlive loading
+        if self._model_arg is None or isinstance(self._model_arg, str):
+            if isinstance(self._model_arg, str):
+                cfg.model_name_or_path = self._model_arg
+            model = load_model(cfg, self.dtype, self.attn_impl)
+        else:
+            model = prepare_model(self._model_arg, cfg)
+        self.policy = SimPOPolicy(
+            model, chunk_size=cfg.logits_chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, self.attn_impl)
+        )
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+
+        def scheduler_fn(optimizer):
+            from transformers import get_scheduler
+
+            return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+
+        self.engine = ds.build_engine(self.policy, self.ds_config, cfg, scheduler_fn)
+        lm_cfg = self.policy.causal_lm.config
+        self.num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.policy.parameters())
+        self.flops_shape = (lm_cfg.num_hidden_layers, lm_cfg.hidden_size)
+        self.peak_tflops = cfg.peak_tflops or detect_peak_tflops(self.device_type)
+
+    # =========================================================================================
+    # the loop
+    # =========================================================================================
+    def train(self) -> dict:
+        """Run to ``total_steps``; returns the last train metrics (plus ``train_loss``)."""
+        self.setup()
+        cfg = self.cfg
+        if cfg.eval_on_start and self.step == 0 and self.eval_data is not None:
+            self.evaluate()
+        window = _Window()
+        train_losses = []
+        progress = _progress(self.rank, self.total_steps, self.step)
+        while self.step < self.total_steps:
+            metrics = self.train_step(self._step_pairs(self.step))
+            self.step += 1
+            window.add(metrics)
+            train_losses.append(metrics["loss"])
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                self.reporter.log("train", self.step, self.epoch, window.flush())
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        if self.eval_data is not None:
+            self.evaluate()
+        if cfg.save_final:
+            self.export(Path(cfg.output_dir) / FINAL)
+        self.reporter.close()
+        last = window.last or {}
+        return {**last, "train_loss": float(np.mean(train_losses)) if train_losses else float("nan")}
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def _step_pairs(self, step: int) -> np.ndarray:
+        """Dataset indices of the pairs of optimizer step ``step`` (seeded permutation per epoch)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.train_data))
+        return order[k * self.cfg.train_batch_size : (k + 1) * self.cfg.train_batch_size]
+
+    def train_step(self, pair_ids: np.ndarray) -> dict:
+        """One optimizer step over ``pair_ids`` (the whole global batch; this rank runs its share)."""
+        cfg, data = self.cfg, self.train_data
+        start = time.perf_counter()
+        plan = plan_step(data.pair_tokens[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
+        norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
+        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
+        counters = torch.zeros(3, dtype=torch.float64, device=self.device)  # real, processed tokens, sum s^2
+        my_plan = plan[self.rank]
+        for k, micro in enumerate(my_plan):
+            batch = self._collate(data.pairs(pair_ids[list(micro.pairs)]))
+            self.engine.set_gradient_accumulation_boundary(k == len(my_plan) - 1)
+            seq = self.engine(batch)
+            loss, micro_stats = microbatch_loss(
+                seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **self._loss_kwargs()
+            )
+            self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
+            stats += micro_stats
+            counters += micro.weight * torch.tensor(_token_counts(batch), dtype=torch.float64, device=self.device)
+        self._emit("before_optimizer_step", pair_ids=pair_ids)
+        self.engine.step()
+        ds.all_reduce_sum(stats)
+        ds.all_reduce_sum(counters)
+        elapsed = ds.all_reduce_max(time.perf_counter() - start, self.device)
+        real, processed, seq_sq = counters.tolist()
+        metrics = finalize_metrics(stats, cfg.sft_weight)
+        metrics.update(self._system_metrics(real, processed, seq_sq, elapsed))
+        return metrics
+
+    def _loss_kwargs(self) -> dict:
+        cfg = self.cfg
+        return dict(
+            beta=cfg.beta,
+            gamma_beta_ratio=cfg.gamma_beta_ratio,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+            sft_weight=cfg.sft_weight,
+        )
+
+    def _collate(self, pairs: list[dict]) -> dict:
+        cfg = self.cfg
+        if cfg.packing:
+            batch = collate_packed(pairs, cfg.label_pad_token_id)
+        else:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            batch = collate_padded(pairs, pad, cfg.label_pad_token_id)
+        return batch_to_device(batch, self.device)
+
+    def _system_metrics(self, real: float, processed: float, seq_sq: float, elapsed: float) -> dict:
+        layers, hidden = self.flops_shape
+        flops = training_flops(self.num_params, int(real), int(seq_sq), layers, hidden)
+        out = {
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": ds.global_grad_norm(self.engine),
+            "tokens/real": real,
+            "tokens/padded": processed,
+            "pack_efficiency": real / max(processed, 1.0),
+            "tokens_per_s": real / max(elapsed, 1e-9),
+            "tflops_per_device": flops / max(elapsed, 1e-9) / self.world_size / 1e12,
+            "step_time_s": elapsed,
+            "mem/peak_gb": peak_memory_gb(self.device_type),
+        }
+        if self.peak_tflops:
+            out["mfu"] = out["tflops_per_device"] / self.peak_tflops
+        return out
+
+    # =========================================================================================
+    # evaluation
+    # =========================================================================================
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Metrics over the whole eval split (same packed path), logged at the current step."""
+        data = self.eval_data
+        self.engine.eval()
+        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
+        everything = np.arange(len(data))
+        for start in range(0, len(data), self.cfg.train_batch_size):
+            chunk = everything[start : start + self.cfg.train_batch_size]
+            plan = plan_step(data.pair_tokens[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
+            for micro in plan[self.rank]:
+                batch = self._collate(data.pairs(chunk[list(micro.pairs)]))
+                seq = self.engine(batch)
+                norm = StepNormalizer(1, 1)
+                _, micro_stats = microbatch_loss(
+                    seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **self._loss_kwargs()
+                )
+                stats += micro_stats
+        ds.all_reduce_sum(stats)
+        self.engine.train()
+        metrics = finalize_metrics(stats, self.cfg.sft_weight)
+        self.reporter.log("eval", self.step, self.epoch, metrics)
+        return metrics
+
+    # =========================================================================================
+    # checkpoints and export
+    # =========================================================================================
+    def save_checkpoint(self) -> Path:
+        client_state = {
+            "step": self.step,
+            "world_size": self.world_size,
+            "config": self.cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        path = ds.save_checkpoint(
+            self.engine, Path(self.cfg.output_dir) / CHECKPOINTS, self.step, client_state, self.cfg.save_total_limit
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self, which: str) -> None:
+        path = ds.resolve_checkpoint(Path(self.cfg.output_dir) / CHECKPOINTS, which)
+        client_state = ds.load_checkpoint(self.engine, path)
+        self.step = int(client_state["step"])
+        rng = client_state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def export(self, out_dir: Path) -> None:
+        """``out_dir``: safetensors + tokenizer loadable by plain transformers (all ranks call)."""
+        state_dict = ds.consolidated_state_dict(self.engine)
+        if self.rank == 0:
+            export_pretrained(self.policy.model, state_dict, self.tokenizer, out_dir, self.cfg)
+            logger.info("exported model to %s", out_dir)
+        ds.barrier()
+
+    def _emit(self, event: str, **info) -> None:
+        for callback in self.callbacks:
+            callback(self, event, **info)
+
+
+# =============================================================================================
+# helpers
+# =============================================================================================
+class _Window:
+    """Averages train metrics over the steps since the last record (pair-weighted means are
+    close to plain means as every step has the same pair count but the last)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.last: Optional[dict] = None
+
+    def add(self, metrics: dict) -> None:
+        self.rows.append(metrics)
+        self.last = metrics
+
+    def flush(self) -> dict:
+        keys = self.rows[-1].keys()
+        out = {k: float(np.mean([r[k] for r in self.rows if k in r])) for k in keys}
+        out["lr"] = self.rows[-1]["lr"]
+        self.rows = []
+        return out
+
+
+def _token_counts(batch: dict) -> list[float]:
+    """[real tokens, processed tokens (incl. padding), sum of squared sequence lengths]."""
+    if "cu_seqlens" in batch:
+        lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).double()
+    else:
+        lengths = batch["attention_mask"].sum(-1).double()
+    return [float(batch["num_tokens"]), float(batch["input_ids"].numel()), float((lengths**2).sum())]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_tokenizer(cfg: SimPOConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _model_config(cfg: SimPOConfig, model_arg):
+    if model_arg is not None and not isinstance(model_arg, str):
+        return model_arg.config
+    from transformers import AutoConfig
+
+    name = model_arg if isinstance(model_arg, str) else cfg.model_name_or_path
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def _progress(rank: int, total: int, initial: int):
+    if rank != 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="simpo", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
