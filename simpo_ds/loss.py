@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,9 @@ from torch.utils.checkpoint import checkpoint
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SequenceLogps:
-    """Per-sequence reductions of one micro-batch (S sequences).
+class SequenceLogps(NamedTuple):
+    """Per-sequence reductions of one micro-batch (S sequences). A NamedTuple, so ZeRO-3's module
+    hooks see the tensors inside.
 
     logp_sum  [S] fp32  sum of answer-token log-probs (differentiable)
     num_tokens [S] int64  answer tokens |y|

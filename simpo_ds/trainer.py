@@ -104,6 +104,7 @@ class Trainer:
         self._setup_model()
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
+        self.start_step = self.step
         logger.info(
             "simpo-ds: %d pairs, %d steps of %d pairs, %d rank(s), attention=%s, dtype=%s, max_length=%d, "
             "max_prompt_length=%d, packing=%s",
