@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +30,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 logger = logging.getLogger(__name__)
+
+# torch 2.13 deprecates the collective names DeepSpeed 0.19 still calls, once per call: keep logs readable.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*", category=FutureWarning)
 
 LATEST = "latest"
 

@@ -26,6 +26,7 @@ from simpo_ds import engine as ds
 from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
 from simpo_ds.config import SimPOConfig
 from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
+from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
 from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, microbatch_loss
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
@@ -113,21 +114,32 @@ class Trainer:
         )
 
     def _prepare_split(self, source, split: str) -> PairData:
-        """Load, validate, tokenize (rank 0 first, so other ranks hit the datasets cache)."""
-        cfg = self.cfg
-        for turn in (0, 1):
-            if (self.rank == 0) == (turn == 0):
-                name = source if isinstance(source, str) else f"{split} dataset"
-                raw = load_pairs(source) if isinstance(source, str) else source
-                report = validate_columns(raw, name)
-                tokenized, stats = tokenize_dataset(raw, self.tokenizer, cfg, num_proc=cfg.dataset_num_proc)
-            ds.barrier()
-        if len(tokenized) == 0:
-            raise ValueError(f"{name}: no trainable pairs left ({stats})")
+        """Load, validate, tokenize. Rank 0 goes first (other ranks then hit the datasets cache)
+        and broadcasts its verdict, so bad data stops every rank with rank 0's message."""
+        name = source if isinstance(source, str) else f"{split} dataset"
+        error = None
+        if self.rank == 0:
+            try:
+                tokenized, stats, report = self._tokenize_split(source, name)
+            except (DataError, FileNotFoundError, ValueError) as err:
+                error = f"{type(err).__name__}: {err}"
+        error = ds.broadcast_object(error)
+        if error is not None:
+            raise DataError(error.split(": ", 1)[1])
+        if self.rank != 0:
+            tokenized, stats, report = self._tokenize_split(source, name)
         self.reporter.log("data", 0, 0.0, {"split_name": split, **stats, "warnings": report.get("warnings", {})})
         if stats["dropped"]:
             logger.warning("%s: dropped %s of %d rows", name, stats["dropped"], stats["rows"])
         return PairData(tokenized)
+
+    def _tokenize_split(self, source, name: str):
+        raw = load_pairs(source) if isinstance(source, str) else source
+        report = validate_columns(raw, name)
+        tokenized, stats = tokenize_dataset(raw, self.tokenizer, self.cfg, num_proc=self.cfg.dataset_num_proc)
+        if len(tokenized) == 0:
+            raise DataError(f"{name}: no trainable pairs left after tokenization ({stats})")
+        return tokenized, stats, report
 
     def _setup_model(self) -> None:
         cfg = self.cfg

@@ -1,9 +1,10 @@
-"""Run the real Trainer (under a launcher) and dump the first step's full gradients.
+"""Run the real Trainer (under a launcher) and dump what the tests compare.
 
-    deepspeed --num_gpus 2 tests/dist_worker.py --dump grads.pt [--key value ...]
+    deepspeed --num_gpus 2 tests/dist_worker.py [--dump grads.pt] [--dump_logits logits.pt] [--key value ...]
 
-The dump (rank 0) holds {"grads": {name: tensor}, "pair_ids": [...]} gathered between the first
-step's backward and its optimizer step (ZeRO-3: every rank joins the gather).
+--dump: {"grads": {name: tensor}, "pair_ids": [...]} gathered between the first step's backward and
+its optimizer step (ZeRO-3: every rank joins the gather). --dump_logits: the trained engine's logits
+on fixed input ids after training (every rank runs the forward; rank 0 writes).
 """
 
 import sys
@@ -15,21 +16,38 @@ from simpo_ds.cli import _split_args
 from simpo_ds.config import load_config
 from simpo_ds.trainer import Trainer
 
+PROBE_IDS = torch.arange(6, 30).remainder(60)[None] + 6  # word ids of tests/run_assets.py
+
+
+def pop_flag(argv: list[str], flag: str):
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    value = argv[i + 1]
+    del argv[i : i + 2]
+    return value
+
 
 def main(argv):
-    dump = argv[argv.index("--dump") + 1]
-    argv = argv[: argv.index("--dump")] + argv[argv.index("--dump") + 2 :]
+    dump, dump_logits = pop_flag(argv, "--dump"), pop_flag(argv, "--dump_logits")
     recipe, overrides = _split_args(argv)
     cfg = load_config(recipe, overrides)
 
     def on_event(trainer, event, pair_ids=None, **_):
-        if event == "before_optimizer_step" and trainer.step == trainer.start_step:
+        if dump and event == "before_optimizer_step" and trainer.step == trainer.start_step:
             grads = ds.full_gradients(trainer.engine)
             if trainer.rank == 0:
                 grads = {k.removeprefix("model."): v for k, v in grads.items()}
                 torch.save({"grads": grads, "pair_ids": [int(i) for i in pair_ids]}, dump)
 
-    Trainer(cfg, callbacks=[on_event]).train()
+    trainer = Trainer(cfg, callbacks=[on_event])
+    trainer.train()
+    if dump_logits:
+        with torch.no_grad():
+            trainer.engine.eval()
+            logits = trainer.policy.model(input_ids=PROBE_IDS.to(trainer.device), use_cache=False).logits
+        if trainer.rank == 0:
+            torch.save(logits.float().cpu(), dump_logits)
 
 
 if __name__ == "__main__":

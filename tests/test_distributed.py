@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.distributed
 import torch
 from reference import assert_close, assert_grads_close, assert_metrics_close, reference_step
 from run_assets import make_assets, make_tokenizer
@@ -116,3 +118,96 @@ def check_against_reference(metrics, dump, reference):
 def test_one_step_equals_reference(assets, reference, tmp_path, ranks, ds_config, extra):
     metrics, dump = run_one_step(assets, tmp_path, ranks, ds_config, extra)
     check_against_reference(metrics, dump, reference)
+
+
+def train_args(assets, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", assets["model"], "--train_data", assets["train"], "--output_dir", str(out),
+            "--ds", "ds_configs/zero3.json", "--max_tokens_per_microbatch", "128", *COMMON, *extra]
+
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    """Train 4 steps saving at 2; a new run resumed from step 2 logs the same steps 3-4."""
+    full = tmp_path / "full"
+    launch("tests/dist_worker.py", train_args(assets, full, "--max_steps", "4", "--save_steps", "2",
+                                              "--save_final", "false"), ranks=2)
+    assert sorted(p.name for p in (full / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
+    assert (full / "checkpoints" / "latest").read_text() == "step_4"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    (resumed / "checkpoints" / "latest").write_text("step_2")
+    launch("tests/dist_worker.py", train_args(assets, resumed, "--max_steps", "4", "--save_final", "false",
+                                              "--resume_from_checkpoint", "latest"), ranks=2)
+    expected = {r["step"]: r for r in read_metrics(full)}
+    got = read_metrics(resumed)
+    assert [r["step"] for r in got] == [3, 4]
+    for record in got:
+        for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr"):
+            assert_close(record[name], expected[record["step"]][name], f"step {record['step']} {name}")
+
+
+def test_export_logits_equal_trained_engine(assets, tmp_path):
+    """The exported final/ model (plain transformers) gives the trained ZeRO-3 engine's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "export"
+    launch("tests/dist_worker.py", train_args(assets, out, "--max_steps", "2", "--dump_logits",
+                                              str(tmp_path / "logits.pt")), ranks=2)
+    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    AutoTokenizer.from_pretrained(out / "final")
+    from dist_worker import PROBE_IDS
+
+    with torch.no_grad():
+        logits = model(input_ids=PROBE_IDS, use_cache=False).logits
+    expected = torch.load(tmp_path / "logits.pt")
+    assert_close(logits, expected, "exported logits", scale=expected.abs().max().item())
+    assert not (out / "final.partial").exists()
+
+
+def test_lora_zero3_trains_adapter_only_and_exports(assets, tmp_path):
+    """LoRA under ZeRO-3 (2 ranks): frozen weights unchanged, adapter trained, merged export loads
+    and generates, adapter-only export applies to the base model with the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj",
+            "--learning_rate", "5e-2", "--max_steps", "2"]
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    launch("tests/dist_worker.py", train_args(assets, merged_dir, *lora), ranks=2)
+    launch("tests/dist_worker.py", train_args(assets, adapter_dir, *lora, "--save_adapter_only", "true"), ranks=2)
+
+    base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir / "final", dtype=torch.float32)
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    changed = {k for k in base_sd if not torch.equal(base_sd[k], merged_sd[k])}
+    assert changed, "the LoRA delta never reached the merged export"
+    assert all(".q_proj." in k or ".v_proj." in k for k in changed), f"frozen weights changed: {changed}"
+    generated = merged.generate(torch.tensor([[1, 7, 8, 9]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+
+    assert (adapter_dir / "final" / "adapter_config.json").is_file()
+    adapted = PeftModel.from_pretrained(base, adapter_dir / "final").merge_and_unload()
+    ids = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert_close(a, b, "adapter-only vs merged export", scale=b.abs().max().item())
+
+
+def test_uneven_ranks_and_empty_rank_do_not_hang(tmp_path):
+    """Pairs of very different lengths, a budget that forces splits, and a step of ONE pair on two
+    ranks (rank 1 has nothing: it runs zero-weight fillers). Must finish well inside the timeout."""
+    from run_assets import make_rows, write_jsonl
+
+    assets = make_assets(tmp_path / "assets", pairs=8)
+    write_jsonl(Path(assets["train"]), make_rows(24, seed=3, long_every=3))
+    out = tmp_path / "uneven"
+    args = train_args(assets, out, "--max_steps", "3", "--max_tokens_per_microbatch", "64", "--save_final", "false")
+    launch("tests/dist_worker.py", args, ranks=2, timeout=240)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    out1 = tmp_path / "one_pair"
+    args = train_args(assets, out1, "--max_steps", "2", "--save_final", "false", "--train_batch_size", "1")
+    launch("tests/dist_worker.py", args, ranks=2, timeout=240)
+    records = read_metrics(out1)
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)

@@ -1,0 +1,16 @@
+# The two commands of the README.
+.PHONY: demo test test-fast env
+
+env:
+	bash scripts/setup_env.sh test
+
+demo:
+	bash launch/demo.sh
+
+# Installs the test dependencies into .venv, then runs the whole suite (CPU, ~10 min on 2 cores).
+test: env
+	WANDB_MODE=disabled .venv/bin/python -m pytest -q tests
+
+# Without the multi-process DeepSpeed launches.
+test-fast: env
+	WANDB_MODE=disabled .venv/bin/python -m pytest -q tests -m "not distributed"
