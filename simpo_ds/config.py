@@ -177,6 +177,14 @@ class SimPOConfig:
         """Absolute target margin gamma = gamma_beta_ratio * beta."""
         return self.gamma_beta_ratio * self.beta
 
+    def resolve_batch_size(self, world_size: int) -> int:
+        """THE mapping from TrainingArguments-style batch fields to the global pair count:
+        train_batch_size = per_device_train_batch_size x gradient_accumulation_steps x world_size
+        when either of the first two is set (the missing one counts as 1); else train_batch_size."""
+        if self.per_device_train_batch_size is None and self.gradient_accumulation_steps is None:
+            return self.train_batch_size
+        return (self.per_device_train_batch_size or 1) * (self.gradient_accumulation_steps or 1) * world_size
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -66,7 +66,10 @@ class Reporter:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", output_dir)
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "simpo-ds"), name=run_name, config=config)
+            # offline unless the user configured wandb (a login key or an explicit WANDB_MODE)
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            project = os.environ.get("WANDB_PROJECT", "simpo-ds")
+            self.wandb = wandb.init(project=project, name=run_name, config=config, mode=mode)
 
     def log(self, split: str, step: int, epoch: float, metrics: dict) -> None:
         if not self.enabled:
@@ -76,7 +79,8 @@ class Reporter:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+            numeric = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.wandb.log(numeric, step=step)
 
     def close(self) -> None:
         if self.file is not None:

@@ -95,6 +95,7 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
         _seed_everything(cfg.seed)
         self.device_type = ds.device_type()
+        cfg.train_batch_size = cfg.resolve_batch_size(self.world_size)
         self.reporter = Reporter(cfg.output_dir, self.rank, cfg.report_to, cfg.run_name, cfg.to_dict())
         self.tokenizer = self.tokenizer or _load_tokenizer(cfg)
         self.train_data = self._prepare_split(self._train_arg if self._train_arg is not None else cfg.train_data, "train")

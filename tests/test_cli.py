@@ -79,3 +79,10 @@ def test_missing_data_file_exits_naming_path(assets, tmp_path):
     result = run_cli("--model_name_or_path", assets["model"], "--train_data", str(tmp_path / "nope.jsonl"),
                      "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 2 and "nope.jsonl" in result.stderr
+
+
+def test_training_arguments_batch_mapping():
+    assert load_config(None, ["--train_batch_size", "64"]).resolve_batch_size(4) == 64
+    cfg = load_config(None, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16"])
+    assert cfg.resolve_batch_size(4) == 128
+    assert load_config(None, ["--per_device_train_batch_size", "3"]).resolve_batch_size(2) == 6
