@@ -6,5 +6,13 @@ imported by ``simpo_ds.engine`` alone.
 
 from simpo_ds.config import ConfigError, SimPOConfig
 
-__all__ = ["ConfigError", "SimPOConfig"]
+__all__ = ["ConfigError", "SimPOConfig", "SimPOTrainer"]
+
+
+def __getattr__(name):  # SimPOTrainer imports DeepSpeed: only when asked for
+    if name == "SimPOTrainer":
+        from simpo_ds.api import SimPOTrainer
+
+        return SimPOTrainer
+    raise AttributeError(f"module 'simpo_ds' has no attribute {name!r}")
 __version__ = "0.1.0"

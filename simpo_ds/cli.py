@@ -6,6 +6,8 @@ import sys
 
 from simpo_ds.config import ConfigError, load_config
 
+EXIT_PREEMPTED = 3  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and resume
+
 
 def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """Pull ``--config FILE`` out of argv; the rest are ``--key value`` overrides.
@@ -38,11 +40,12 @@ def train_main(argv: list[str]) -> int:
             raise ConfigError(f"config key '{missing}' is required")
         from simpo_ds.trainer import Trainer
 
-        Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        trainer.train()
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_PREEMPTED if trainer.preempted else 0
 
 
 def main(argv: list[str] | None = None) -> int:

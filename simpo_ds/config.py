@@ -115,6 +115,9 @@ class SimPOConfig:
             self.simpo_gamma = None
         if self.gamma_beta_ratio is None:
             self.gamma_beta_ratio = 0.25
+        if isinstance(self.report_to, str):  # TrainingArguments accepts report_to="wandb"
+            self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
+        self.report_to = [r for r in self.report_to if r != "none"]
         self.validate()
 
     # ------------------------------------------------------------------------------------------

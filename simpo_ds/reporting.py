@@ -8,6 +8,7 @@ Record format (DESIGN.md §7)::
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -57,11 +58,10 @@ class Reporter:
     def __init__(self, output_dir: str, rank: int, report_to: list, run_name: str | None, config: dict):
         self.enabled = rank == 0
         self.wandb = None
-        self.file = None
+        self.path = Path(output_dir) / "metrics.jsonl"
         if not self.enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
         if "wandb" in report_to:
             import wandb
 
@@ -70,20 +70,21 @@ class Reporter:
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             project = os.environ.get("WANDB_PROJECT", "simpo-ds")
             self.wandb = wandb.init(project=project, name=run_name, config=config, mode=mode)
+            atexit.register(self.close)
 
     def log(self, split: str, step: int, epoch: float, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, "split": split, "time": time.time(), "epoch": round(epoch, 4)}
         record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with open(self.path, "a", encoding="utf-8") as f:  # one complete line per event, flushed
+            f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             numeric = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.wandb.log(numeric, step=step)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        """Finish the wandb run (also registered at exit); metrics.jsonl needs no closing."""
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

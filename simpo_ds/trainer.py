@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -83,6 +84,9 @@ class Trainer:
         self.callbacks = list(callbacks)  # fn(trainer, event: str, **info); events below
         self.engine = None
         self.step = 0
+        self.stop_signal: Optional[str] = None  # set by SIGTERM/SIGUSR1 on this rank
+        self.stop_agreed = False  # any rank was signalled (known after each step's all-reduce)
+        self.preempted = False
 
     # =========================================================================================
     # setup
@@ -179,11 +183,12 @@ class Trainer:
         """Run to ``total_steps``; returns the last train metrics (plus ``train_loss``)."""
         self.setup()
         cfg = self.cfg
-        if cfg.eval_on_start and self.step == 0 and self.eval_data is not None:
+        if cfg.eval_on_start and self.step == 0 and self.has_eval:
             self.evaluate()
         window = _Window()
         train_losses = []
         progress = _progress(self.rank, self.total_steps, self.step)
+        self._install_signal_handlers()
         while self.step < self.total_steps:
             metrics = self.train_step(self._step_pairs(self.step))
             self.step += 1
@@ -193,18 +198,40 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 self.reporter.log("train", self.step, self.epoch, window.flush())
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+            if self.has_eval and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.evaluate()
+            if self.stop_agreed:  # preemption: finish this step, checkpoint, leave (same on all ranks)
+                self.reporter.log("train", self.step, self.epoch, window.flush())
+                self.save_checkpoint()
+                logger.warning("stopped by signal %s after step %d; resume with --resume_from_checkpoint latest",
+                               self.stop_signal or "(on another rank)", self.step)
+                progress.close()
+                self.reporter.close()
+                self.preempted = True
+                return {**(window.last or {}), "train_loss": float(np.mean(train_losses)), "preempted": True}
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save_checkpoint()
         progress.close()
-        if self.eval_data is not None:
+        if self.has_eval:
             self.evaluate()
         if cfg.save_final:
             self.export(Path(cfg.output_dir) / FINAL)
-        self.reporter.close()
         last = window.last or {}
         return {**last, "train_loss": float(np.mean(train_losses)) if train_losses else float("nan")}
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a clean stop: the
+        current step finishes, all ranks agree through the step's all-reduce, a checkpoint is saved."""
+
+        def request_stop(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_data is not None
 
     @property
     def epoch(self) -> float:
@@ -223,7 +250,8 @@ class Trainer:
         plan = plan_step(data.pair_tokens[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
         norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
-        counters = torch.zeros(3, dtype=torch.float64, device=self.device)  # real, processed tokens, sum s^2
+        # real tokens, processed tokens, sum of squared sequence lengths, stop requested (signal)
+        counters = torch.zeros(4, dtype=torch.float64, device=self.device)
         my_plan = plan[self.rank]
         for k, micro in enumerate(my_plan):
             batch = self._collate(data.pairs(pair_ids[list(micro.pairs)]))
@@ -234,13 +262,15 @@ class Trainer:
             )
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
             stats += micro_stats
-            counters += micro.weight * torch.tensor(_token_counts(batch), dtype=torch.float64, device=self.device)
+            counters[:3] += micro.weight * torch.tensor(_token_counts(batch), dtype=torch.float64, device=self.device)
         self._emit("before_optimizer_step", pair_ids=pair_ids)
         self.engine.step()
+        counters[3] = float(self.stop_signal is not None)
         ds.all_reduce_sum(stats)
-        ds.all_reduce_sum(counters)
+        ds.all_reduce_sum(counters)  # one collective: every rank learns whether any rank was signalled
         elapsed = ds.all_reduce_max(time.perf_counter() - start, self.device)
-        real, processed, seq_sq = counters.tolist()
+        real, processed, seq_sq, stop = counters.tolist()
+        self.stop_agreed = stop > 0
         metrics = finalize_metrics(stats, cfg.sft_weight)
         metrics.update(self._system_metrics(real, processed, seq_sq, elapsed))
         return metrics
@@ -286,9 +316,10 @@ class Trainer:
     # evaluation
     # =========================================================================================
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Metrics over the whole eval split (same packed path), logged at the current step."""
-        data = self.eval_data
+    def evaluate(self, data: Optional[PairData] = None, name: Optional[str] = None) -> dict:
+        """Metrics over a whole eval split (default: the configured one; same packed path), logged
+        at the current step as split "eval" (with ``eval_name`` when several splits are named)."""
+        data = data if data is not None else self.eval_data
         self.engine.eval()
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
         everything = np.arange(len(data))
@@ -306,7 +337,7 @@ class Trainer:
         ds.all_reduce_sum(stats)
         self.engine.train()
         metrics = finalize_metrics(stats, self.cfg.sft_weight)
-        self.reporter.log("eval", self.step, self.epoch, metrics)
+        self.reporter.log("eval", self.step, self.epoch, {**metrics, **({"eval_name": name} if name else {})})
         return metrics
 
     # =========================================================================================
