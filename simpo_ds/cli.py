@@ -31,6 +31,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def train_main(argv: list[str]) -> int:
     from simpo_ds.data.tokenize import DataError
+    from simpo_ds.trainer import NonFiniteError
 
     try:
         recipe, overrides = _split_args(argv)
@@ -45,6 +46,9 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"simpo-ds: error: {err}", file=sys.stderr)
+        return 4
     return EXIT_PREEMPTED if trainer.preempted else 0
 
 

@@ -99,6 +99,7 @@ class SimPOConfig:
     deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero3.json); CLI alias --ds
     bf16: Optional[bool] = None  # TrainingArguments style alias of torch_dtype=bfloat16
     collective_timeout_s: int = 1800  # a collective that hangs longer becomes an error
+    max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite (skipped) steps
     peak_tflops: Optional[float] = None  # per-device peak for MFU (known GPUs detected)
     logits_chunk_size: int = 2048  # rows of lm_head logits materialised at once
 
@@ -160,7 +161,7 @@ class SimPOConfig:
             bad("max_steps", "must be -1 (use num_train_epochs) or > 0")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             bad("num_train_epochs", "must be > 0 when max_steps is -1")
-        for key in ("logging_steps", "logits_chunk_size"):
+        for key in ("logging_steps", "logits_chunk_size", "max_nonfinite_steps", "collective_timeout_s"):
             if getattr(self, key) <= 0:
                 bad(key, "must be > 0")
         for key in ("eval_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -12,6 +12,7 @@ permutation per epoch, so the data position of a checkpoint is just the step num
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -36,6 +37,11 @@ from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb, tra
 logger = logging.getLogger("simpo_ds")
 
 CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
 FINAL = "final"
 
 
@@ -84,6 +90,8 @@ class Trainer:
         self.callbacks = list(callbacks)  # fn(trainer, event: str, **info); events below
         self.engine = None
         self.step = 0
+        self.nonfinite_streak = 0  # consecutive steps with a non-finite loss or gradient norm
+        self.skipped_steps = 0
         self.stop_signal: Optional[str] = None  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # any rank was signalled (known after each step's all-reduce)
         self.preempted = False
@@ -185,6 +193,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.eval_on_start and self.step == 0 and self.has_eval:
             self.evaluate()
+        self.engine.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         window = _Window()
         train_losses = []
         progress = _progress(self.rank, self.total_steps, self.step)
@@ -201,7 +210,8 @@ class Trainer:
             if self.has_eval and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.evaluate()
             if self.stop_agreed:  # preemption: finish this step, checkpoint, leave (same on all ranks)
-                self.reporter.log("train", self.step, self.epoch, window.flush())
+                if window.rows:  # steps since the last train record
+                    self.reporter.log("train", self.step, self.epoch, window.flush())
                 self.save_checkpoint()
                 logger.warning("stopped by signal %s after step %d; resume with --resume_from_checkpoint latest",
                                self.stop_signal or "(on another rank)", self.step)
@@ -273,7 +283,36 @@ class Trainer:
         self.stop_agreed = stop > 0
         metrics = finalize_metrics(stats, cfg.sft_weight)
         metrics.update(self._system_metrics(real, processed, seq_sq, elapsed))
+        self._check_finite(metrics, pair_ids)
         return metrics
+
+    def _check_finite(self, metrics: dict, pair_ids: np.ndarray) -> None:
+        """A non-finite gradient norm makes DeepSpeed (ZeRO-2/3, fp32/bf16/fp16) skip the update on
+        every rank alike (the norm is global). Count it, record the step's pairs, and abort after
+        ``max_nonfinite_steps`` consecutive skips. All ranks see the same reduced numbers."""
+        applied = self.engine.was_step_applied()
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+        metrics["skipped"] = float(not applied)
+        if applied and finite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.skipped_steps += int(not applied)
+        path = Path(self.cfg.output_dir) / "nonfinite_steps.jsonl"
+        if self.rank == 0:
+            with open(path, "a") as f:
+                record = {"step": self.step + 1, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                          "update_applied": applied, "pair_ids": [int(i) for i in pair_ids]}
+                f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                    for k, v in record.items()}) + "\n")
+        logger.warning("step %d: non-finite loss/grad norm (loss=%s, grad_norm=%s); update %s; pairs in %s",
+                       self.step + 1, metrics["loss"], metrics["grad_norm"],
+                       "applied" if applied else "skipped", path)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} consecutive non-finite steps (last: step {self.step + 1}); "
+                f"the pairs of each are listed in {path}"
+            )
 
     def _loss_kwargs(self) -> dict:
         cfg = self.cfg
@@ -357,7 +396,12 @@ class Trainer:
         return path
 
     def _resume(self, which: str) -> None:
+        """``which``: latest | auto (latest if there is one, else start fresh: requeued jobs) | PATH.
+        A checkpoint saved by another number of ranks is converted (universal) and loaded."""
         path = ds.resolve_checkpoint(Path(self.cfg.output_dir) / CHECKPOINTS, which)
+        if path is None:
+            logger.info("resume_from_checkpoint=%s: no checkpoint yet, starting from step 0", which)
+            return
         client_state = ds.load_checkpoint(self.engine, path)
         self.step = int(client_state["step"])
         rng = client_state.get("rng")

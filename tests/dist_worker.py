@@ -7,6 +7,7 @@ its optimizer step (ZeRO-3: every rank joins the gather). --dump_logits: the tra
 on fixed input ids after training (every rank runs the forward; rank 0 writes).
 """
 
+import os
 import sys
 
 import torch
@@ -28,6 +29,26 @@ def pop_flag(argv: list[str], flag: str):
     return value
 
 
+def inject_nan(trainer) -> None:
+    """SIMPO_TEST_NAN_STEPS="2,3" SIMPO_TEST_NAN_RANK=1: the first decoder layer of that rank returns
+    NaN during those (1-based) optimizer steps — a fault on one rank only."""
+    steps = os.environ.get("SIMPO_TEST_NAN_STEPS")
+    if not steps:
+        return
+    steps = {int(s) for s in steps.split(",")}
+    rank = int(os.environ.get("SIMPO_TEST_NAN_RANK", "0"))
+    trainer.setup()
+
+    def hook(module, inputs, output):
+        if trainer.rank == rank and trainer.step + 1 in steps and module.training:
+            if isinstance(output, tuple):
+                return (output[0] * float("nan"),) + output[1:]
+            return output * float("nan")
+        return None
+
+    trainer.policy.causal_lm.get_decoder().layers[0].register_forward_hook(hook)
+
+
 def main(argv):
     dump, dump_logits = pop_flag(argv, "--dump"), pop_flag(argv, "--dump_logits")
     recipe, overrides = _split_args(argv)
@@ -41,6 +62,7 @@ def main(argv):
                 torch.save({"grads": grads, "pair_ids": [int(i) for i in pair_ids]}, dump)
 
     trainer = Trainer(cfg, callbacks=[on_event])
+    inject_nan(trainer)
     trainer.train()
     if dump_logits:
         with torch.no_grad():
