@@ -9,6 +9,7 @@ on fixed input ids after training (every rank runs the forward; rank 0 writes).
 
 import os
 import sys
+import time
 
 import torch
 
@@ -54,7 +55,11 @@ def main(argv):
     recipe, overrides = _split_args(argv)
     cfg = load_config(recipe, overrides)
 
+    hang_rank = os.environ.get("SIMPO_TEST_HANG_RANK")
+
     def on_event(trainer, event, pair_ids=None, **_):
+        if hang_rank is not None and event == "before_optimizer_step" and trainer.rank == int(hang_rank):
+            time.sleep(3600)  # a stuck rank: the others must time out in their next collective
         if dump and event == "before_optimizer_step" and trainer.step == trainer.start_step:
             grads = ds.full_gradients(trainer.engine)
             if trainer.rank == 0:

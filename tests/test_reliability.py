@@ -79,3 +79,16 @@ def test_same_seed_same_losses(assets, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append([(r["step"], r["loss"], r["tokens/real"]) for r in read_metrics(out)])
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_stuck_rank_becomes_an_error_not_a_hang(assets, tmp_path):
+    """Rank 1 stops responding: rank 0's next collective fails after collective_timeout_s and the
+    job exits non-zero (the launcher then stops the stuck rank) instead of hanging forever."""
+    import time
+
+    start = time.monotonic()
+    result = launch_env(args_for(assets, tmp_path / "stuck", "--max_steps", "2", "--collective_timeout_s", "20"),
+                        {"SIMPO_TEST_HANG_RANK": "1"}, timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 200
+    assert "timed out" in result.stdout.lower() or "timeout" in result.stdout.lower(), result.stdout[-3000:]
