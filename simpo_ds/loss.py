@@ -73,11 +73,14 @@ def reduce_sequence_logps(
     (possibly tied, partitioned) weight in forward and again in the recomputation.
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)  # [N, H]
+    head_params = lm_head.parameters() if isinstance(lm_head, torch.nn.Module) else ()
+    # recompute in backward whenever anything upstream needs a gradient (body OR a trainable head)
+    needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in head_params))
     token_logps, token_logits = [], []
     for start in range(0, flat.shape[0], chunk_size):
         rows = flat[start : start + chunk_size]
         labels = pred_labels[start : start + chunk_size]
-        if torch.is_grad_enabled() and rows.requires_grad:
+        if needs_grad:
             lp, lg = checkpoint(_chunk_token_logps, rows, labels, lm_head, use_reentrant=False)
         else:
             lp, lg = _chunk_token_logps(rows, labels, lm_head)

@@ -53,7 +53,10 @@ class PairData:
         lengths = dataset.map(
             lambda b: {
                 "pair_tokens": [len(c) + len(r) for c, r in zip(b["chosen_input_ids"], b["rejected_input_ids"])],
-                "chosen_answer_tokens": [len(c) - p for c, p in zip(b["chosen_input_ids"], b["chosen_prompt_len"])],
+                # labelled answer tokens (a sequence's first position never has a label)
+                "chosen_answer_tokens": [
+                    len(c) - max(p, 1) for c, p in zip(b["chosen_input_ids"], b["chosen_prompt_len"])
+                ],
             },
             batched=True,
             remove_columns=dataset.column_names,
