@@ -228,8 +228,22 @@ def consolidated_state_dict(engine) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
+# Layout of ``output_dir/checkpoints/``:
+#   step_N/             complete checkpoint: DeepSpeed files + COMPLETE ({"step", "world_size"})
+#   step_N.partial/     being written (or left by a killed save: ignored, removed by the next save)
+#   step_N/universal/   the same checkpoint converted for another world size (made on demand)
+#   latest              the tag of the newest complete checkpoint, replaced atomically, written last
+COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
+
+
 def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Atomic DeepSpeed checkpoint ``root/step_{step}`` (model, optimizer, scheduler, client_state)."""
+    """Atomic DeepSpeed checkpoint ``root/step_{step}`` (model, optimizer, scheduler, client_state).
+
+    Every rank writes its shard into ``step_N.partial/``; after a barrier rank 0 marks it COMPLETE,
+    renames it to ``step_N/``, then replaces ``latest``, then prunes. A kill at any point leaves
+    ``latest`` naming a complete checkpoint (at worst the previous one).
+    """
     root = Path(root)
     tag = f"step_{step}"
     partial = root / f"{tag}.partial"
@@ -240,11 +254,14 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     barrier()
     final = root / tag
     if dist.get_rank() == 0:
-        (partial / "COMPLETE").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
+        _write_atomic(partial / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        stale = root / f"{tag}.stale"
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(partial, final)
         _write_atomic(root / LATEST, tag)
+        shutil.rmtree(stale, ignore_errors=True)
         _prune(root, keep)
     barrier()
     return final
@@ -259,36 +276,122 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _step_of(path: Path) -> int | None:
+    """``step_12`` -> 12; None for anything else (``step_12.partial``, ``latest``, ...)."""
+    number = path.name.removeprefix("step_")
+    return int(number) if path.name.startswith("step_") and number.isdigit() and path.is_dir() else None
+
+
+def _complete_steps(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    steps = [p for p in root.glob("step_*") if _step_of(p) is not None and (p / COMPLETE).is_file()]
+    return sorted(steps, key=_step_of)
+
+
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    for old in steps[:-keep]:
+    """Keep the newest ``keep`` checkpoints; drop leftovers of killed saves (no save is running)."""
+    steps = sorted((p for p in root.glob("step_*") if _step_of(p) is not None), key=_step_of)
+    leftovers = [p for p in root.glob("step_*") if p.name.endswith((".partial", ".stale"))]
+    for old in steps[:-keep] + leftovers:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_checkpoint(root: str | Path, which: str) -> Path:
-    """``latest`` -> the directory named by root/latest; a path -> itself. Verifies completeness."""
-    if which == "latest":
-        latest = Path(root) / LATEST
-        if not latest.is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {latest} (no checkpoint saved yet)")
-        path = Path(root) / latest.read_text().strip()
-    else:
-        path = Path(which)
+def _latest_complete(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names; if it is missing or incomplete (a hand-edited or
+    interrupted directory), the newest complete ``step_N`` with a warning; None when there is none."""
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if (named / COMPLETE).is_file():
+            return named
+        logger.warning("%s names %s, which is not a complete checkpoint", latest, named)
+    complete = _complete_steps(root)
+    if complete and latest.is_file():
+        logger.warning("falling back to the newest complete checkpoint %s", complete[-1])
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(root: str | Path, which: str) -> Path | None:
+    """The checkpoint directory to resume from, verified complete.
+
+    ``latest``: the one ``root/latest`` names (error if none); ``auto``: the same, or None (start
+    from scratch) when nothing was saved yet — what a requeued job passes every time; else a path.
+    """
+    root = Path(root)
+    if which in ("latest", "auto"):
+        path = _latest_complete(root)
+        if path is None and which == "latest":
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {root}")
+        return path
+    path = Path(which)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if not (path / "COMPLETE").is_file():
-        raise RuntimeError(f"checkpoint {path} is incomplete (no COMPLETE marker): it was interrupted while saving")
+    if not (path / COMPLETE).is_file():
+        raise RuntimeError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while saving")
     return path
 
 
+def saved_world_size(path: Path) -> int:
+    """Number of data-parallel ranks that wrote the checkpoint (COMPLETE marker, else its shards)."""
+    marker = json.loads((path / COMPLETE).read_text())
+    if "world_size" in marker:
+        return int(marker["world_size"])
+    shards = {p.name.split("_mp_rank")[0] for p in path.glob("*zero_pp_rank_*_optim_states.pt")}
+    return max(len(shards), 1)
+
+
 def load_checkpoint(engine, path: Path) -> dict:
-    """Load model, optimizer, scheduler from a checkpoint directory -> its client_state."""
-    load_path, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """Load model, optimizer, scheduler from a checkpoint directory -> its client_state.
+
+    A checkpoint saved by a different number of ranks is first converted to DeepSpeed's universal
+    format (``path/universal/``, once, by rank 0) and loaded with ``load_universal``.
+    """
+    world_size = dist.get_world_size()
+    saved = saved_world_size(path)
+    if saved != world_size:
+        logger.warning("checkpoint %s was saved by %d rank(s), loading it on %d", path, saved, world_size)
+        path = to_universal(path)
+        engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+    try:
+        load_path, client_state = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     return client_state
+
+
+def universal_command(path: Path, out: Path) -> list[str]:
+    """The DeepSpeed command that converts checkpoint ``path`` into a universal one at ``out``."""
+    import sys
+
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+            "--output_folder", str(out), "--num_extract_workers", "4", "--num_merge_workers", "2"]
+
+
+def to_universal(path: Path) -> Path:
+    """``path/universal/`` (made by rank 0 unless already complete; every rank waits for it)."""
+    import subprocess
+
+    out = path / UNIVERSAL
+    error = None
+    if dist.get_rank() == 0 and not (out / COMPLETE).is_file():
+        partial = path / f"{UNIVERSAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = universal_command(path, partial)
+        logger.info("converting to a universal checkpoint: %s", " ".join(cmd))
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode == 0:
+            _write_atomic(partial / COMPLETE, (path / COMPLETE).read_text())
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(partial, out)
+        else:
+            error = (f"could not convert checkpoint {path} to the universal format needed to resume on a "
+                     f"different number of ranks (exit {done.returncode}):\n{done.stdout[-3000:]}\nRun it yourself: "
+                     f"{' '.join(universal_command(path, out))} && echo '{{}}' > {out / COMPLETE}")
+    error = broadcast_object(error)
+    if error:
+        raise RuntimeError(error)
+    return out

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from simpo_ds.loss import SequenceLogps, reduce_sequence_logps
+from simpo_ds.shared_attention import prompt_sharing_mask
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ class SimPOPolicy(nn.Module):
     def forward(self, batch: dict) -> SequenceLogps:
         lm = self.causal_lm
         body, lm_head = lm.get_decoder(), lm.get_output_embeddings()
-        if "attention_mask" in batch:  # padded reference layout
+        if "role_ids" in batch:  # prompt sharing: [prompt | chosen | rejected] per pair, explicit 4-D mask
+            mask = prompt_sharing_mask(batch, lm.config._attn_implementation, lm.dtype)
+            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
+        elif "attention_mask" in batch:  # padded reference layout
             out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         else:  # packed varlen row: block-causal attention from restarting position_ids
             extra = self.attn_kwargs_fn(batch) if self.attn_kwargs_fn is not None else {}

@@ -30,9 +30,11 @@ from simpo_ds.config import SimPOConfig
 from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
 from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
+from simpo_ds.data.sharing import collate_shared, shared_pair_num_tokens
 from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, microbatch_loss
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
 from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb, training_flops
+from simpo_ds.shared_attention import choose_shared_attn_implementation
 
 logger = logging.getLogger("simpo_ds")
 
@@ -50,12 +52,17 @@ class PairData:
 
     def __init__(self, dataset):
         self.dataset = dataset
+        keys = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
         lengths = dataset.map(
             lambda b: {
                 "pair_tokens": [len(c) + len(r) for c, r in zip(b["chosen_input_ids"], b["rejected_input_ids"])],
                 # labelled answer tokens (a sequence's first position never has a label)
                 "chosen_answer_tokens": [
                     len(c) - max(p, 1) for c, p in zip(b["chosen_input_ids"], b["chosen_prompt_len"])
+                ],
+                # tokens in a prompt-sharing row: the prompts' common prefix counted once
+                "shared_tokens": [
+                    shared_pair_num_tokens(dict(zip(keys, values))) for values in zip(*(b[k] for k in keys))
                 ],
             },
             batched=True,
@@ -64,6 +71,7 @@ class PairData:
         )
         self.pair_tokens = np.asarray(lengths["pair_tokens"], dtype=np.int64)
         self.chosen_answer_tokens = np.asarray(lengths["chosen_answer_tokens"], dtype=np.int64)
+        self.shared_tokens = np.asarray(lengths["shared_tokens"], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.pair_tokens)
@@ -160,7 +168,8 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.dtype = resolve_dtype(cfg.torch_dtype, self.device_type)
-        self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type)
+        choose = choose_shared_attn_implementation if cfg.prompt_sharing else choose_attn_implementation
+        self.attn_impl = choose(cfg.attn_implementation, self.device_type)
         register_attention()
         model_config = _model_config(cfg, self._model_arg)
         self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
@@ -260,7 +269,8 @@ class Trainer:
         """One optimizer step over ``pair_ids`` (the whole global batch; this rank runs its share)."""
         cfg, data = self.cfg, self.train_data
         start = time.perf_counter()
-        plan = plan_step(data.pair_tokens[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
+        lengths = data.shared_tokens if cfg.prompt_sharing else data.pair_tokens
+        plan = plan_step(lengths[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
         norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
         # real tokens, processed tokens, sum of squared sequence lengths, stop requested (signal)
@@ -329,7 +339,9 @@ class Trainer:
 
     def _collate(self, pairs: list[dict]) -> dict:
         cfg = self.cfg
-        if cfg.packing:
+        if cfg.prompt_sharing:  # one [prompt | chosen | rejected] segment per pair (takes precedence over packing)
+            batch = collate_shared(pairs, cfg.label_pad_token_id)
+        elif cfg.packing:
             batch = collate_packed(pairs, cfg.label_pad_token_id)
         else:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -367,7 +379,8 @@ class Trainer:
         everything = np.arange(len(data))
         for start in range(0, len(data), self.cfg.train_batch_size):
             chunk = everything[start : start + self.cfg.train_batch_size]
-            plan = plan_step(data.pair_tokens[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
+            lengths = data.shared_tokens if self.cfg.prompt_sharing else data.pair_tokens
+            plan = plan_step(lengths[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
             for micro in plan[self.rank]:
                 batch = self._collate(data.pairs(chunk[list(micro.pairs)]))
                 seq = self.engine(batch)
@@ -451,7 +464,14 @@ class _Window:
 
 
 def _token_counts(batch: dict) -> list[float]:
-    """[real tokens, processed tokens (incl. padding), sum of squared sequence lengths]."""
+    """[real tokens, processed tokens (incl. padding), sum of squared sequence lengths].
+
+    Prompt sharing: real = processed = the shared row's tokens (each prompt counted once), and the
+    squared-length sum is ``seq_sq_sum`` = Σ len(chosen)² + len(rejected)² − shared_prompt², twice the
+    (q, k) pairs the mask allows, the same convention as s_i² of a causal sequence (data/sharing.py).
+    """
+    if "role_ids" in batch:
+        return [float(batch["num_tokens"]), float(batch["input_ids"].numel()), float(batch["seq_sq_sum"])]
     if "cu_seqlens" in batch:
         lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).double()
     else:
