@@ -19,6 +19,11 @@ with NO ``attention_mask``. Attention must then be block-diagonal causal; per ba
   them; without them it would derive them from position_ids (an extra device sync per layer call).
 - ``varlen`` (CUDA, no extra package): :func:`varlen_attention_forward`, registered here through
   ``transformers.AttentionInterface``, runs ``torch.nn.attention.varlen.varlen_attn`` on the same kwargs.
+- ``sdpa_varlen`` (CPU default): :func:`sdpa_varlen_attention_forward`, registered the same way, runs
+  one causal ``scaled_dot_product_attention`` per sequence of the row. Exact like ``sdpa`` on the packed
+  row, but it computes the Σ s_i² scores the sequences need instead of the T² of a block-causal mask
+  over the whole row (10× fewer on UltraFeedback-like rows of 8 pairs; see bench/RESULTS.md). The
+  loop over sequences is a host loop over ``cu_seqlens``: free on CPU, and GPUs use a varlen kernel.
 
 Masks for ``varlen``: transformers 5 only builds a mask for implementations listed in
 ``AttentionMaskInterface``; for any other registered name ``_preprocess_mask_arguments`` exits early and
@@ -36,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 VARLEN = "varlen"
-IMPLEMENTATIONS = ("auto", "flash_attention_2", VARLEN, "sdpa", "eager")
+SDPA_VARLEN = "sdpa_varlen"
+IMPLEMENTATIONS = ("auto", "flash_attention_2", VARLEN, SDPA_VARLEN, "sdpa", "eager")
+CU_SEQLENS_IMPLEMENTATIONS = (VARLEN, SDPA_VARLEN, "flash_attention_2")  # take cu_seqlens kwargs
 
 # The FlashAttentionKwargs names: transformers 5.24 forwards every extra forward kwarg unchanged from
 # XxxForCausalLM / XxxModel through the decoder layers to the attention function (checked for Llama
@@ -68,12 +75,13 @@ def _varlen_available() -> bool:
     return True
 
 
-def choose_attn_implementation(requested: str, device_type: str) -> str:
+def choose_attn_implementation(requested: str, device_type: str, packing: bool = True) -> str:
     """Resolve the config's ``attn_implementation`` to the name passed to ``from_pretrained``.
 
     ``auto``: ``flash_attention_2`` on CUDA when flash-attn imports, else ``varlen`` on CUDA when torch has
-    ``torch.nn.attention.varlen``, else ``sdpa``. Explicit choices are checked against the device and the
-    installed packages and fail with a message saying what to do. Returning ``varlen`` also registers it.
+    ``torch.nn.attention.varlen``, else ``sdpa_varlen`` (CPU); ``sdpa`` for padded batches
+    (``packing=False``). Explicit choices are checked against the device, the batch layout and the
+    installed packages and fail with a message saying what to do. Registers ``varlen``/``sdpa_varlen``.
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={requested!r} is not one of {', '.join(IMPLEMENTATIONS)}")
@@ -81,12 +89,19 @@ def choose_attn_implementation(requested: str, device_type: str) -> str:
     if requested == "auto":
         if cuda and _flash_attn_available():
             return "flash_attention_2"
-        requested = VARLEN if cuda and _varlen_available() else "sdpa"
+        if not packing:
+            return "sdpa"
+        requested = VARLEN if cuda and _varlen_available() else SDPA_VARLEN
+    elif requested in (VARLEN, SDPA_VARLEN) and not packing:
+        raise ValueError(
+            f"attn_implementation={requested!r} attends within the sequences of a packed row; padded batches "
+            "(packing: false) need 'sdpa', 'eager' or 'flash_attention_2'"
+        )
     elif requested == "flash_attention_2":
         if not cuda:
             raise ValueError(
                 f"attn_implementation='flash_attention_2' needs CUDA (device is {device_type!r}); "
-                "use 'sdpa' or 'eager' here"
+                "use 'sdpa_varlen', 'sdpa' or 'eager' here"
             )
         if not _flash_attn_available():
             raise ValueError(
@@ -98,14 +113,14 @@ def choose_attn_implementation(requested: str, device_type: str) -> str:
         if not cuda:
             raise ValueError(
                 f"attn_implementation='varlen' runs torch's CUDA flash kernel and cannot run on {device_type!r}; "
-                "use 'sdpa' or 'eager' (they mask packed rows from position_ids)"
+                "use 'sdpa_varlen' (one sdpa call per sequence), 'sdpa' or 'eager'"
             )
         if not _varlen_available():
             raise ValueError(
                 f"attn_implementation='varlen' needs torch.nn.attention.varlen (torch >= 2.10, found "
                 f"{torch.__version__}); upgrade torch, `pip install simpo-ds[flash]`, or use 'sdpa'"
             )
-    if requested == VARLEN:
+    if requested in (VARLEN, SDPA_VARLEN):
         register_attention()
     return requested
 
@@ -121,7 +136,7 @@ def attention_kwargs(batch: dict, impl: str) -> dict:
     batch: ``input_ids`` / ``position_ids`` [1, T], ``cu_seqlens`` [S+1] (int), ``max_seqlen`` int
     (computed from cu_seqlens when absent). Returns
 
-    - ``varlen`` / ``flash_attention_2``: ``{cu_seq_lens_q: cu [S+1] int32, cu_seq_lens_k: cu,
+    - ``varlen`` / ``sdpa_varlen`` / ``flash_attention_2``: ``{cu_seq_lens_q: cu [S+1] int32, cu_seq_lens_k: cu,
       max_length_q: int, max_length_k: int}`` on the device of ``input_ids``;
     - ``sdpa`` / ``eager``: ``{}`` (transformers masks from the restarting position_ids).
 
@@ -137,7 +152,7 @@ def attention_kwargs(batch: dict, impl: str) -> dict:
         raise ValueError("packed batch needs 'position_ids' restarting at 0 at every sequence start")
     if impl in ("sdpa", "eager"):
         return {}
-    if impl not in (VARLEN, "flash_attention_2"):
+    if impl not in CU_SEQLENS_IMPLEMENTATIONS:
         raise ValueError(f"no packed-row attention kwargs for attn_implementation={impl!r}")
     tokens = batch["input_ids"].numel()
     if int(batch["cu_seqlens"][-1]) != tokens:  # once per micro-batch, not per layer (a sync on CUDA)
@@ -237,6 +252,33 @@ def _varlen_kernel(
     return call_varlen_attn(varlen_attn, q, k, v, cu_seqlens, max_seqlen, scale)
 
 
+def check_attention_features(impl: str, module, dropout: float, sliding_window, softcap, kwargs: dict) -> None:
+    """Refuse what our packed-row attentions cannot do (softcapping, sliding windows, sinks, non-causal
+    layers, dropout), naming the model's attention class and ``impl``."""
+    name = type(module).__name__
+    if softcap is not None:
+        raise NotImplementedError(f"{name} uses attention logit softcapping; {impl} attention does not support it")
+    if sliding_window is not None:
+        raise NotImplementedError(f"{name} uses sliding-window attention; {impl} attention does not support it")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{name} uses attention sinks; {impl} attention does not support them")
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        raise NotImplementedError(f"{name} is not causal; {impl} attention here is causal only")
+    if dropout:
+        raise NotImplementedError(f"attention dropout {dropout} with {impl} attention: disable dropout")
+
+
+def _check_cu_seqlens_call(impl: str, attention_mask, kwargs: dict) -> None:
+    """A packed-row call of a cu_seqlens attention: no mask, and the cu_seqlens kwargs present."""
+    if attention_mask is not None:
+        raise ValueError(f"{impl} attention takes no attention_mask: call the model on a packed row without one")
+    if kwargs.get("cu_seq_lens_q") is None or kwargs.get("max_length_q") is None:
+        raise ValueError(
+            f"{impl} attention needs cu_seq_lens_q/k and max_length_q/k in the forward kwargs: call the model "
+            f"with **attention_kwargs(batch, {impl!r}) on a packed row (padded batches: use sdpa)"
+        )
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -255,25 +297,9 @@ def varlen_attention_forward(
     [S+1] int32 over the B·L flattened tokens and ``max_length_q`` (from :func:`attention_kwargs`)
     -> (attn_output [B, L, Hq, d], None). Honours ``scaling``; dropout must be 0 (varlen has none).
     """
-    name = type(module).__name__
-    if softcap is not None:
-        raise NotImplementedError(f"{name} uses attention logit softcapping; varlen attention does not support it")
-    if sliding_window is not None:
-        raise NotImplementedError(f"{name} uses sliding-window attention; varlen attention does not support it")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{name} uses attention sinks; varlen attention does not support them")
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
-        raise NotImplementedError(f"{name} is not causal; varlen attention here is causal only")
-    if dropout:
-        raise NotImplementedError(f"attention dropout {dropout} with varlen attention: disable dropout")
-    if attention_mask is not None:
-        raise ValueError("varlen attention takes no attention_mask: call the model on a packed row without one")
-    cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu_seqlens is None or max_seqlen is None:
-        raise ValueError(
-            "varlen attention needs cu_seq_lens_q/k and max_length_q/k in the forward kwargs: call the model "
-            "with **attention_kwargs(batch, 'varlen') on a packed row (padded batches: use sdpa)"
-        )
+    check_attention_features(VARLEN, module, dropout, sliding_window, softcap, kwargs)
+    _check_cu_seqlens_call(VARLEN, attention_mask, kwargs)
+    cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     batch, heads, length, head_dim = query.shape  # cu_seqlens[-1] == B·L is checked in attention_kwargs
 
     def tokens_major(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [B·L, H, d]
@@ -283,12 +309,57 @@ def varlen_attention_forward(
     return out.view(batch, length, heads, head_dim), None
 
 
+def sdpa_varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for ``attn_implementation="sdpa_varlen"``: one causal sdpa per
+    sequence of the packed row, so only the Σ s_i² scores inside the sequences are computed.
+
+    query [1, Hq, T, d], key/value [1, Hkv, T, d] (GQA: Hq a multiple of Hkv), kwargs ``cu_seq_lens_q``
+    [S+1] (from :func:`attention_kwargs`) -> (attn_output [1, T, Hq, d], None). A call without
+    ``cu_seq_lens_q`` (``generate``, a padded batch, a plain forward of the trained model) is not a
+    packed row: it is plain sdpa with the mask transformers built (sdpa's mask function is registered
+    for this name), so the model stays usable in memory after training.
+    """
+    if kwargs.get("cu_seq_lens_q") is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+    check_attention_features(SDPA_VARLEN, module, dropout, sliding_window, softcap, kwargs)
+    # transformers' own mask for the row (block-causal from position_ids) is not needed: cu_seqlens cut it
+    if query.shape[0] != 1:
+        raise ValueError(f"{SDPA_VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
+    bounds = kwargs["cu_seq_lens_q"].tolist()  # a host copy: CPU tensors, no device sync
+    gqa = key.shape[1] != query.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
 def register_attention() -> None:
-    """Register ``varlen`` with transformers' ``AttentionInterface`` (idempotent).
+    """Register ``varlen`` and ``sdpa_varlen`` with transformers' ``AttentionInterface`` (idempotent).
 
     Call before ``from_pretrained(..., attn_implementation="varlen")``. No mask function is registered
-    on purpose: transformers then skips mask creation for this name (see the module docstring).
+    for ``varlen`` on purpose: transformers then skips mask creation for it (see the module docstring).
+    ``sdpa_varlen`` gets sdpa's, for the calls that are not packed rows (generation).
     """
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention_forward)
+    AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)  # for calls that are not packed rows

@@ -1,4 +1,8 @@
-"""Command line: ``simpo-ds train ...`` (same as launch/train.py)."""
+"""Command line: ``simpo-ds train|plot|stats ...``.
+
+``simpo-ds train`` is launch/train.py; ``simpo-ds plot OUTPUT_DIR`` draws metrics.jsonl as PNGs and a
+report.md; ``simpo-ds stats DATASET --tokenizer DIR`` prints length / truncation / packing statistics.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import sys
 
 from simpo_ds.config import ConfigError, load_config
 
+# Exit codes of `simpo-ds train` / launch/train.py (0: finished).
+EXIT_BAD_INPUT = 2  # bad config or data: the message names the key, file, row or column
 EXIT_PREEMPTED = 3  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and resume
+EXIT_NONFINITE = 4  # too many consecutive non-finite steps (the pairs are in nonfinite_steps.jsonl)
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written (disk full...) or the one to resume is damaged
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -31,6 +39,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def train_main(argv: list[str]) -> int:
     from simpo_ds.data.tokenize import DataError
+    from simpo_ds.engine import CheckpointError
     from simpo_ds.trainer import NonFiniteError
 
     try:
@@ -45,21 +54,38 @@ def train_main(argv: list[str]) -> int:
         trainer.train()
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except NonFiniteError as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
-        return 4
+        return EXIT_NONFINITE
+    except CheckpointError as err:
+        print(f"simpo-ds: error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     return EXIT_PREEMPTED if trainer.preempted else 0
+
+
+USAGE = """usage:
+  simpo-ds train [--config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]
+  simpo-ds plot OUTPUT_DIR [--config recipe.yaml] [--title TEXT]
+  simpo-ds stats DATASET --tokenizer DIR [--max_length N] [--max_prompt_length N] ..."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: simpo-ds train [--config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]")
+        print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
+    if command == "plot":
+        from simpo_ds import plot
+
+        return plot.main(rest)
+    if command == "stats":
+        from simpo_ds import stats
+
+        return stats.main(rest)
     print(f"simpo-ds: unknown command {command!r}", file=sys.stderr)
     return 2
 

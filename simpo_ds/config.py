@@ -31,7 +31,7 @@ class SimPOConfig:
     tokenizer_name_or_path: Optional[str] = None  # defaults to model_name_or_path
     gguf_file: Optional[str] = None  # load weights from this gguf file inside model_name_or_path
     torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "auto"  # auto | flash_attention_2 | varlen | sdpa | eager
+    attn_implementation: str = "auto"  # auto | flash_attention_2 | varlen | sdpa_varlen | sdpa | eager
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (use_reentrant=False)
     trust_remote_code: bool = False  # passed to from_pretrained
     use_peft: bool = False  # train LoRA adapters instead of all weights
@@ -101,7 +101,7 @@ class SimPOConfig:
     collective_timeout_s: int = 1800  # a collective that hangs longer becomes an error
     max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite (skipped) steps
     peak_tflops: Optional[float] = None  # per-device peak for MFU (known GPUs detected)
-    logits_chunk_size: int = 2048  # rows of lm_head logits materialised at once
+    logits_chunk_size: int = 0  # rows of lm_head logits at once; 0 = auto (2048 at 32k vocab, 512 at 128k)
 
     def __post_init__(self) -> None:
         if self.simpo_gamma is not None:
@@ -133,7 +133,7 @@ class SimPOConfig:
             "truncation_mode": ("keep_end", "keep_start"),
             "chat_template_mode": ("reference", "generation_prompt"),
             "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
-            "attn_implementation": ("auto", "flash_attention_2", "varlen", "sdpa", "eager"),
+            "attn_implementation": ("auto", "flash_attention_2", "varlen", "sdpa_varlen", "sdpa", "eager"),
             "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup"),
         }
         for key, allowed in choices.items():
@@ -161,9 +161,11 @@ class SimPOConfig:
             bad("max_steps", "must be -1 (use num_train_epochs) or > 0")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             bad("num_train_epochs", "must be > 0 when max_steps is -1")
-        for key in ("logging_steps", "logits_chunk_size", "max_nonfinite_steps", "collective_timeout_s"):
+        for key in ("logging_steps", "max_nonfinite_steps", "collective_timeout_s"):
             if getattr(self, key) <= 0:
                 bad(key, "must be > 0")
+        if self.logits_chunk_size < 0:
+            bad("logits_chunk_size", "must be > 0, or 0 for auto")
         for key in ("eval_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 bad(key, "must be > 0 when set")
@@ -172,6 +174,8 @@ class SimPOConfig:
         unknown_reports = set(self.report_to) - {"wandb", "none"}
         if unknown_reports:
             bad("report_to", "supported: wandb, none")
+        if self.prompt_sharing and not self.packing:
+            bad("prompt_sharing", "needs packing: true (it is a packed layout; the padded path is the reference)")
         if self.use_peft and self.lora_r <= 0:
             bad("lora_r", "must be > 0")
 
@@ -326,6 +330,7 @@ def config_reference_markdown() -> str:
         comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
         f = next(f for f in dataclasses.fields(SimPOConfig) if f.name == name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        comment = comment.replace("|", "\\|")  # a literal pipe inside a markdown table cell
         lines.append(f"| `{name}` | `{default!r}` | {comment} |")
     return "\n".join(lines)
 

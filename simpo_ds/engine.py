@@ -10,7 +10,11 @@ micro-batch per step and told where the accumulation boundary is::
 
 Checkpoints are written atomically: DeepSpeed saves into ``step_N.partial/``, rank 0 renames it to
 ``step_N/`` after every rank has finished, then replaces ``latest`` (temp file + rename) and only then
-prunes older checkpoints — a crash at any point leaves ``latest`` naming a complete checkpoint.
+prunes older checkpoints — a crash at any point leaves ``latest`` naming a complete checkpoint. The
+``COMPLETE`` marker lists every file with its size; loading verifies them, so a truncated or missing
+file is reported by name instead of failing deep inside ``torch.load``. A save that fails on any rank
+(disk full, quota) is removed and raises :class:`CheckpointError` on every rank; the previous
+checkpoint and ``latest`` are untouched.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*", category=FutureWarning)
 
 LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or one to resume from is incomplete or damaged."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +104,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +254,15 @@ COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"
 
 
-def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep: int, marker: dict | None = None) -> Path:
     """Atomic DeepSpeed checkpoint ``root/step_{step}`` (model, optimizer, scheduler, client_state).
 
-    Every rank writes its shard into ``step_N.partial/``; after a barrier rank 0 marks it COMPLETE,
-    renames it to ``step_N/``, then replaces ``latest``, then prunes. A kill at any point leaves
-    ``latest`` naming a complete checkpoint (at worst the previous one).
+    Every rank writes its shard into ``step_N.partial/``; after a barrier rank 0 marks it COMPLETE
+    (step, world size, every file's size, plus ``marker``: what resuming must check before loading),
+    renames it to ``step_N/``, then replaces ``latest``, then
+    prunes. A kill at any point leaves ``latest`` naming a complete checkpoint (at worst the previous
+    one). A write error on any rank (e.g. ENOSPC) removes the partial directory and raises
+    :class:`CheckpointError` on every rank.
     """
     root = Path(root)
     tag = f"step_{step}"
@@ -250,11 +270,21 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     if dist.get_rank() == 0 and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
-    barrier()
+    error = _save_shards(engine, root, partial.name, client_state)
+    errors = [e for e in all_gather_object(error) if e]
     final = root / tag
+    if errors:
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {errors[0]}. Nothing was replaced: "
+            + (f"{root / LATEST} still names {kept}." if kept else "there is no earlier checkpoint.")
+        )
     if dist.get_rank() == 0:
-        _write_atomic(partial / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        _write_atomic(partial / COMPLETE, json.dumps(
+            {**(marker or {}), "step": step, "world_size": dist.get_world_size(), "files": _file_sizes(partial)}))
         stale = root / f"{tag}.stale"
         if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
             shutil.rmtree(stale, ignore_errors=True)
@@ -265,6 +295,60 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
         _prune(root, keep)
     barrier()
     return final
+
+
+def _save_shards(engine, root: Path, tag: str, client_state: dict) -> str | None:
+    """``engine.save_checkpoint`` into ``root/tag`` -> None, or this rank's first write error as text.
+
+    DeepSpeed's save runs collectives between and after the file writes (ZeRO-3 re-gathers parameters
+    at the end), so a rank must not leave it early: a failing write (disk full, quota, I/O error) is
+    recorded instead of raised, the rank goes through the rest of the save with its peers, and the
+    caller exchanges the errors afterwards.
+    """
+    writer = engine.checkpoint_engine
+    errors = []
+
+    def record_errors(write):
+        def guarded(*args, **kwargs):
+            if errors:  # one failure is enough: skip the remaining writes of this rank
+                return None
+            try:
+                return write(*args, **kwargs)
+            except OSError as err:
+                errors.append(f"rank {dist.get_rank()}: {err}")
+                return None
+
+        return guarded
+
+    writer.save, writer.makedirs = record_errors(writer.save), record_errors(writer.makedirs)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        del writer.save, writer.makedirs  # the class's methods again
+    return errors[0] if errors else None
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """``{relative path: bytes}`` of every file under ``directory``."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is complete and every file it lists is intact."""
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while saving")
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {COMPLETE} marker ({err})") from err
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {name} has {file.stat().st_size} bytes, {size} were written"
+            )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -297,25 +381,30 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def _latest_complete(root: Path) -> Path | None:
-    """The checkpoint ``root/latest`` names; if it is missing or incomplete (a hand-edited or
-    interrupted directory), the newest complete ``step_N`` with a warning; None when there is none."""
+    """The checkpoint ``root/latest`` names; if it is missing, incomplete or damaged (a hand-edited,
+    interrupted or truncated directory), the newest intact ``step_N`` with a warning; None when
+    there is none."""
     latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if (named / COMPLETE).is_file():
-            return named
-        logger.warning("%s names %s, which is not a complete checkpoint", latest, named)
-    complete = _complete_steps(root)
-    if complete and latest.is_file():
-        logger.warning("falling back to the newest complete checkpoint %s", complete[-1])
-    return complete[-1] if complete else None
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    candidates = ([named] if named else []) + [p for p in reversed(_complete_steps(root)) if p != named]
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            logger.warning("skipping %s", err)
+            continue
+        if path != named and named is not None:
+            logger.warning("%s names %s, which is not usable: resuming from %s instead", latest, named.name, path)
+        return path
+    return None
 
 
 def resolve_checkpoint(root: str | Path, which: str) -> Path | None:
-    """The checkpoint directory to resume from, verified complete.
+    """The checkpoint directory to resume from, verified complete and intact.
 
-    ``latest``: the one ``root/latest`` names (error if none); ``auto``: the same, or None (start
-    from scratch) when nothing was saved yet — what a requeued job passes every time; else a path.
+    ``latest``: the one ``root/latest`` names, else the newest intact one (error if none); ``auto``:
+    the same, or None (start from scratch) when nothing was saved yet — what a requeued job passes
+    every time; else a path, which must verify.
     """
     root = Path(root)
     if which in ("latest", "auto"):
@@ -326,9 +415,13 @@ def resolve_checkpoint(root: str | Path, which: str) -> Path | None:
     path = Path(which)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if not (path / COMPLETE).is_file():
-        raise RuntimeError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while saving")
+    verify_checkpoint(path)
     return path
+
+
+def checkpoint_marker(path: Path) -> dict:
+    """The ``COMPLETE`` marker of a verified checkpoint (step, world_size, files, what the trainer added)."""
+    return json.loads((path / COMPLETE).read_text())
 
 
 def saved_world_size(path: Path) -> int:

@@ -54,6 +54,18 @@ def _chunk_token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Call
     return token_logp, logits.detach().mean(dim=-1)
 
 
+LOGITS_CHUNK_ELEMENTS = 2**26  # 64 Mi fp32 logits = 256 MiB per chunk when logits_chunk_size is auto
+
+
+def auto_chunk_size(vocab_size: int, elements: int = LOGITS_CHUNK_ELEMENTS) -> int:
+    """Rows of logits per reducer chunk for ``logits_chunk_size: 0`` (auto): the largest power of two
+    with rows x vocab <= ``elements``, within [64, 8192] — 2048 rows at 32k vocab, 512 at 128k, 256
+    at 152k. Big enough for efficient matmuls, small enough that a chunk's fp32 logits, their
+    softmax and gradient stay a few hundred MiB at any vocabulary."""
+    rows = max(elements // max(vocab_size, 1), 1)
+    return min(max(1 << (rows.bit_length() - 1), 64), 8192)
+
+
 def reduce_sequence_logps(
     hidden: torch.Tensor,
     lm_head: Callable,

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from simpo_ds.loss import SequenceLogps, reduce_sequence_logps
+from simpo_ds.loss import SequenceLogps, auto_chunk_size, reduce_sequence_logps
 from simpo_ds.shared_attention import prompt_sharing_mask
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,13 @@ BATCH_TENSORS = (
 
 
 def batch_to_device(batch: dict, device: torch.device | str) -> dict:
-    """Move the tensors of a collated batch to ``device`` (non-blocking from pinned memory)."""
+    """Move the tensors of a collated batch to ``device``; to a GPU through pinned host memory with
+    non-blocking copies (the host does not wait for them), on CPU unchanged."""
+    if torch.device(device).type != "cuda":
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     return {
-        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
     }
 
 
@@ -51,10 +55,13 @@ class SimPOPolicy(nn.Module):
     padded one (input_ids [R, L], attention_mask [R, L]) -> SequenceLogps over the batch's S sequences.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 2048, attn_kwargs_fn=None):
+    def __init__(self, model: nn.Module, chunk_size: int = 0, attn_kwargs_fn=None):
+        """``chunk_size``: reducer rows per chunk; 0 = :func:`simpo_ds.loss.auto_chunk_size` of the vocab."""
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
+        lm = self.causal_lm
+        vocab = getattr(lm.get_output_embeddings(), "out_features", None) or lm.config.vocab_size
+        self.chunk_size = chunk_size or auto_chunk_size(vocab)
         self.attn_kwargs_fn = attn_kwargs_fn  # batch -> extra forward kwargs (varlen cu_seqlens)
 
     @property

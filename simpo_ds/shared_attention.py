@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from simpo_ds.attention import check_attention_features
 from simpo_ds.data.sharing import shared_attention_allowed, shared_attention_mask
 
 FLEX = "prompt_sharing_flex"
@@ -162,17 +163,7 @@ def flex_shared_attention_forward(
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    name = type(module).__name__
-    if softcap is not None:
-        raise NotImplementedError(f"{name} uses attention logit softcapping; {FLEX} does not: use 'eager'")
-    if sliding_window is not None:
-        raise NotImplementedError(f"{name} uses sliding-window attention; {FLEX} does not: use 'sdpa' or 'eager'")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{name} uses attention sinks; {FLEX} does not support them")
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
-        raise NotImplementedError(f"{name} is not causal; {FLEX} is for causal decoders")
-    if dropout:
-        raise NotImplementedError(f"attention dropout {dropout} with {FLEX}: disable dropout")
+    check_attention_features(FLEX, module, dropout, sliding_window, softcap, kwargs)
     if not isinstance(attention_mask, BlockMask):
         raise ValueError(
             f"{FLEX} needs the row's BlockMask as attention_mask (SimPOPolicy builds it from a prompt-sharing "

@@ -26,7 +26,7 @@ import torch
 
 from simpo_ds import engine as ds
 from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
-from simpo_ds.config import SimPOConfig
+from simpo_ds.config import ConfigError, SimPOConfig
 from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
 from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
@@ -75,6 +75,10 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.pair_tokens)
+
+    def row_tokens(self, prompt_sharing: bool) -> np.ndarray:
+        """Tokens each pair occupies in a packed row: [pairs] (what the planner balances)."""
+        return self.shared_tokens if prompt_sharing else self.pair_tokens
 
     def pairs(self, indices) -> list[dict]:
         rows = self.dataset[[int(i) for i in indices]]
@@ -168,8 +172,10 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.dtype = resolve_dtype(cfg.torch_dtype, self.device_type)
-        choose = choose_shared_attn_implementation if cfg.prompt_sharing else choose_attn_implementation
-        self.attn_impl = choose(cfg.attn_implementation, self.device_type)
+        if cfg.prompt_sharing:
+            self.attn_impl = choose_shared_attn_implementation(cfg.attn_implementation, self.device_type)
+        else:
+            self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type, cfg.packing)
         register_attention()
         model_config = _model_config(cfg, self._model_arg)
         self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
@@ -269,8 +275,7 @@ class Trainer:
         """One optimizer step over ``pair_ids`` (the whole global batch; this rank runs its share)."""
         cfg, data = self.cfg, self.train_data
         start = time.perf_counter()
-        lengths = data.shared_tokens if cfg.prompt_sharing else data.pair_tokens
-        plan = plan_step(lengths[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
+        plan = plan_step(data.row_tokens(cfg.prompt_sharing)[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
         norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
         # real tokens, processed tokens, sum of squared sequence lengths, stop requested (signal)
@@ -379,8 +384,7 @@ class Trainer:
         everything = np.arange(len(data))
         for start in range(0, len(data), self.cfg.train_batch_size):
             chunk = everything[start : start + self.cfg.train_batch_size]
-            lengths = data.shared_tokens if self.cfg.prompt_sharing else data.pair_tokens
-            plan = plan_step(lengths[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
+            plan = plan_step(data.row_tokens(self.cfg.prompt_sharing)[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
             for micro in plan[self.rank]:
                 batch = self._collate(data.pairs(chunk[list(micro.pairs)]))
                 seq = self.engine(batch)
@@ -406,7 +410,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
         path = ds.save_checkpoint(
-            self.engine, Path(self.cfg.output_dir) / CHECKPOINTS, self.step, client_state, self.cfg.save_total_limit
+            self.engine, Path(self.cfg.output_dir) / CHECKPOINTS, self.step, client_state, self.cfg.save_total_limit,
+            marker={"train_batch_size": self.cfg.train_batch_size},
         )
         logger.info("saved checkpoint %s", path)
         return path
@@ -418,6 +423,12 @@ class Trainer:
         if path is None:
             logger.info("resume_from_checkpoint=%s: no checkpoint yet, starting from step 0", which)
             return
+        saved_batch = ds.checkpoint_marker(path).get("train_batch_size", self.cfg.train_batch_size)
+        if saved_batch != self.cfg.train_batch_size:  # the data position is the step number
+            raise ConfigError(
+                f"checkpoint {path} was trained with train_batch_size={saved_batch} (pairs per step, global); "
+                f"this run has {self.cfg.train_batch_size}: pass --train_batch_size {saved_batch} to resume it"
+            )
         client_state = ds.load_checkpoint(self.engine, path)
         self.step = int(client_state["step"])
         rng = client_state.get("rng")

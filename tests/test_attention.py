@@ -17,6 +17,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from simpo_ds import attention
 from simpo_ds.attention import (
+    SDPA_VARLEN,
     VARLEN,
     attention_kwargs,
     call_varlen_attn,
@@ -52,8 +53,12 @@ def packed_row(lengths=LENGTHS, seed: int = 0, vocab: int = 101) -> tuple[dict, 
 
 
 def per_sequence_logits(model, seqs) -> torch.Tensor:
-    """[T, V]: every sequence alone (no packing, no mask needed), concatenated."""
-    return torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+    """[T, V]: every sequence alone (no packing, no mask needed) through sdpa, concatenated."""
+    impl, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
+    try:
+        return torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in seqs])
+    finally:
+        model.config._attn_implementation = impl
 
 
 def packed_logits(model, batch, impl: str) -> torch.Tensor:
@@ -71,7 +76,7 @@ def packed_logits(model, batch, impl: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", SDPA_VARLEN])
 def test_packed_equals_per_sequence(arch, impl):
     model = tiny_model(arch, impl)
     batch, seqs = packed_row()
@@ -107,9 +112,41 @@ def test_all_ones_attention_mask_leaks_across_sequences(arch):
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=ones, use_cache=False
         ).logits[0]
     assert (leaky - ref).abs().max() > LEAK
-    for impl in ("sdpa", "eager", VARLEN, "flash_attention_2"):
+    for impl in ("sdpa", "eager", VARLEN, SDPA_VARLEN, "flash_attention_2"):
         with pytest.raises(ValueError, match="attention_mask"):
             attention_kwargs({**batch, "attention_mask": ones}, impl)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sdpa_varlen_gradients_equal_sdpa_on_the_packed_row(arch):
+    """The CPU default (one sdpa per sequence) and sdpa with the block-causal mask: same gradients."""
+    batch, _ = packed_row()
+    grads = {}
+    for impl in ("sdpa", SDPA_VARLEN):
+        model = tiny_model(arch, impl)
+        packed_logits(model, batch, impl).float().logsumexp(-1).sum().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+    for name, ref in grads["sdpa"].items():
+        torch.testing.assert_close(grads[SDPA_VARLEN][name], ref, rtol=TOL, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sdpa_varlen_without_cu_seqlens_is_plain_sdpa(arch):
+    """Outside packed rows (generate, a left-padded batch, a packed row called without the kwargs) the
+    in-memory model stays correct: sdpa with the mask transformers builds."""
+    batch, seqs = packed_row()
+    model, ref_model = tiny_model(arch, SDPA_VARLEN), tiny_model(arch, "sdpa")
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, 2:], padded[1] = seqs[0], seqs[2]  # left padding, as for generation
+    mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    with torch.no_grad():
+        for kwargs in (dict(input_ids=padded, attention_mask=mask),
+                       dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])):
+            got, ref = model(**kwargs, use_cache=False).logits, ref_model(**kwargs, use_cache=False).logits
+            torch.testing.assert_close(got, ref, rtol=0, atol=TOL)
+        generated = model.generate(padded, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        expected = ref_model.generate(padded, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, expected)
 
 
 # --- varlen plumbing on CPU --------------------------------------------------------------------------
@@ -274,14 +311,25 @@ def test_attention_kwargs():
     [
         (True, True, "cuda", "flash_attention_2"),
         (False, True, "cuda", VARLEN),
-        (False, False, "cuda", "sdpa"),
-        (True, True, "cpu", "sdpa"),
+        (False, False, "cuda", SDPA_VARLEN),
+        (True, True, "cpu", SDPA_VARLEN),
     ],
 )
 def test_choose_auto(flash, varlen, device, expected, monkeypatch):
     monkeypatch.setattr(attention, "_flash_attn_available", lambda: flash)
     monkeypatch.setattr(attention, "_varlen_available", lambda: varlen)
     assert choose_attn_implementation("auto", device) == expected
+
+
+def test_choose_for_padded_batches(monkeypatch):
+    """packing: false (the padded reference path) takes an attention mask: varlen kinds are refused."""
+    monkeypatch.setattr(attention, "_flash_attn_available", lambda: False)
+    monkeypatch.setattr(attention, "_varlen_available", lambda: True)
+    assert choose_attn_implementation("auto", "cuda", packing=False) == "sdpa"
+    assert choose_attn_implementation("auto", "cpu", packing=False) == "sdpa"
+    for impl in (VARLEN, SDPA_VARLEN):
+        with pytest.raises(ValueError, match="padded batches .packing: false. need 'sdpa'"):
+            choose_attn_implementation(impl, "cuda", packing=False)
 
 
 def test_choose_explicit(monkeypatch):
@@ -291,7 +339,8 @@ def test_choose_explicit(monkeypatch):
         assert choose_attn_implementation(impl, "cpu") == impl
         assert choose_attn_implementation(impl, "cuda") == impl
     assert choose_attn_implementation(VARLEN, "cuda") == VARLEN
-    assert VARLEN in AttentionInterface()  # choosing varlen registers it
+    assert choose_attn_implementation(SDPA_VARLEN, "cpu") == SDPA_VARLEN
+    assert VARLEN in AttentionInterface() and SDPA_VARLEN in AttentionInterface()  # choosing registers them
     with pytest.raises(ValueError, match=r"pip install simpo-ds\[flash\]"):
         choose_attn_implementation("flash_attention_2", "cuda")
     with pytest.raises(ValueError, match="needs CUDA"):

@@ -51,6 +51,7 @@ def test_unknown_key_in_recipe_names_file_and_key(tmp_path):
         (["--loss_type", "ipo"], "loss_type"),
         (["--packing", "maybe"], "packing"),
         (["--train_data", "x.jsonl"], "model_name_or_path"),
+        (["--prompt_sharing", "true", "--packing", "false"], "prompt_sharing"),
     ],
 )
 def test_config_errors_exit_nonzero_naming_the_key(args, needle):
@@ -86,3 +87,10 @@ def test_training_arguments_batch_mapping():
     cfg = load_config(None, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16"])
     assert cfg.resolve_batch_size(4) == 128
     assert load_config(None, ["--per_device_train_batch_size", "3"]).resolve_batch_size(2) == 6
+
+
+def test_readme_config_reference_is_current():
+    """The README table is generated (``python -m simpo_ds.config``): a new or changed key must show."""
+    from simpo_ds.config import config_reference_markdown
+
+    assert config_reference_markdown() in (ROOT / "README.md").read_text(), "regenerate the README config table"

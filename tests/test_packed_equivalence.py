@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 from reference import assert_close, assert_grads_close, assert_metrics_close, grads, reference_step
 from tiny_models import tiny_model
 
+from simpo_ds.attention import SDPA_VARLEN, attention_kwargs, register_attention
 from simpo_ds.data.packing import collate_packed, plan_step
 from simpo_ds.loss import StepNormalizer, finalize_metrics, microbatch_loss
 from simpo_ds.model import SimPOPolicy
 
 VOCAB = 101
+register_attention()  # sdpa_varlen
 
 
 def make_pair(rng: random.Random, prompt_len: int, chosen_len: int, rejected_len: int, seam: bool = False) -> dict:
@@ -51,7 +53,8 @@ def varied_pairs(seed: int = 0) -> list[dict]:
 
 def packed_step(model, pairs, max_tokens=10_000, chunk_size=7, **kw):
     """Our path for one step on one rank: plan -> micro-batches -> reducer -> normalised loss."""
-    policy = SimPOPolicy(model, chunk_size=chunk_size)
+    impl = model.config._attn_implementation
+    policy = SimPOPolicy(model, chunk_size=chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, impl))
     lengths = [len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs]
     norm = StepNormalizer(len(pairs), sum(len(p["chosen_input_ids"]) - p["chosen_prompt_len"] for p in pairs))
     total_stats, avg_by_pair = 0, {}
@@ -71,9 +74,13 @@ def packed_step(model, pairs, max_tokens=10_000, chunk_size=7, **kw):
 
 
 def check_equivalence(model, pairs, max_tokens=10_000, **kw):
+    packed_impl = model.config._attn_implementation
+    if packed_impl == SDPA_VARLEN:  # packed rows only: the padded reference runs the same weights with sdpa
+        model.config._attn_implementation = "sdpa"
     ref_loss, ref_logps, ref_metrics = reference_step(model, pairs, **{k: v for k, v in kw.items()})
     ref_loss.backward()
     ref_grads = grads(model)
+    model.config._attn_implementation = packed_impl
     loss_kw = dict(beta=kw.get("beta", 2.0), gamma_beta_ratio=kw.get("ratio", 0.25),
                    loss_type=kw.get("loss_type", "sigmoid"), label_smoothing=kw.get("eps", 0.0),
                    sft_weight=kw.get("sft_weight", 0.0))
@@ -84,7 +91,7 @@ def check_equivalence(model, pairs, max_tokens=10_000, **kw):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_varlen"])
 def test_packed_equals_padded(arch, attn):
     model = tiny_model(arch, attn_implementation=attn, seed=1)
     check_equivalence(model, varied_pairs(0))

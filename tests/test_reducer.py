@@ -282,3 +282,14 @@ def test_peak_rss_is_chunk_sized_not_t_by_v():
     assert peaks["full"] >= 2 * full_bytes  # the measurement sees a T x V tensor
     assert peaks["chunked"] < 0.25 * full_bytes, f"chunked peak {peaks['chunked'] / 2**20:.0f} MiB"
     assert peaks["chunked"] < 10 * RSS_CHUNK * RSS_VOCAB * 4  # O(chunk x V), not O(T x V)
+
+
+def test_auto_chunk_size_bounds_the_chunk_logits():
+    """logits_chunk_size 0 (auto): a power of two with rows x vocab <= 2^26 (256 MiB of fp32 logits)."""
+    from simpo_ds.loss import auto_chunk_size
+
+    assert [auto_chunk_size(v) for v in (32_000, 128_256, 151_936)] == [2048, 512, 256]
+    assert auto_chunk_size(101) == 8192 and auto_chunk_size(10**9) == 64  # clamped
+    for vocab in (32_000, 49_152, 128_256, 151_936, 256_000):
+        rows = auto_chunk_size(vocab)
+        assert rows & (rows - 1) == 0 and rows * vocab <= 2**26 < 2 * rows * vocab
