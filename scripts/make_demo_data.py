@@ -11,15 +11,12 @@ writes ``train.jsonl`` and ``eval.jsonl`` in the conversational format the train
                   {"role": "assistant", "content": "A banana is yellow."}]}
 
 The preference is verifiable (``simpo_ds.demo.prefers``, checked on every row written) and needs
-the prompt to decide. Three kinds of pairs, in equal numbers:
+the prompt to decide. Two kinds of pairs, in equal numbers:
 
 - **asked**: the user asks for one word; chosen = the one-word answer, rejected = the same answer
   as a sentence (what SmolLM2-135M-Instruct writes: it ignores the instruction);
 - **plain**: the same kind of question without the instruction; chosen = the sentence, rejected =
-  the bare word;
-- **right word**: the user asks for one word; chosen = the right word, rejected = a wrong word of
-  the same kind (another capital, another color, ...), so that learning the format does not
-  teach the model to answer with any word.
+  the bare word.
 
 So "always terse" and "always a sentence" both score 50% reward accuracy: to go above chance a
 model has to read the instruction. Answers come from the tables below, are always correct and
@@ -102,25 +99,18 @@ def facts() -> list[tuple[str, str, str, str]]:
 
 
 # ---- pairs (instructions and verifier: simpo_ds/demo.py) ------------------------------------------
-PAIR_KINDS = ("asked", "plain", "right_word")
+PAIR_KINDS = ("asked", "plain")
 
 
-def wrong_word(word: str, kind: str, all_facts: list, rng: random.Random) -> str:
-    """Another one-word answer of the same kind of fact ("Vienna." for "Budapest.")."""
-    others = sorted({w for _, _, w, k in all_facts if k == kind and w.lower() != word.lower()})
-    return rng.choice(others)
-
-
-def make_pair(fact: tuple, pair_kind: str, all_facts: list, rng: random.Random) -> dict:
+def make_pair(fact: tuple, pair_kind: str, rng: random.Random) -> dict:
     """One conversational pair of ``pair_kind`` (see the module docstring) for ``fact``."""
-    question, sentence, word, kind = fact
+    question, sentence, word, _ = fact
     if pair_kind == "plain":
         prompt, chosen, rejected = question, sentence, word
     else:
         instruction = rng.choice(ONE_WORD_INSTRUCTIONS)
         prompt = f"{instruction} {question}" if rng.random() < 0.5 else f"{question} {instruction}"
-        chosen = word
-        rejected = sentence if pair_kind == "asked" else wrong_word(word, kind, all_facts, rng)
+        chosen, rejected = word, sentence
     expected = word.strip(".").lower()
     if not prefers(prompt, expected, chosen, rejected):
         raise ValueError(f"pair does not satisfy the demo preference: {prompt!r} {chosen!r} > {rejected!r}")
@@ -134,7 +124,7 @@ def make_pair(fact: tuple, pair_kind: str, all_facts: list, rng: random.Random) 
 def make_splits(seed: int = 0, eval_facts: int = 30, train_repeats: int = 2) -> tuple[list, list]:
     """(train rows, eval rows). Facts are split by question so eval questions are unseen; fact i of
     a split gets ``train_repeats`` (eval: 2) pairs of the kinds i, i+1, ... of ``PAIR_KINDS``, with
-    fresh instruction draws, so the three kinds come in equal numbers. With the tables above: 224
+    fresh instruction draws, so the two kinds come in equal numbers. With the tables above: 224
     train pairs (14 steps of 16) and 60 eval pairs."""
     rng = random.Random(seed)
     all_facts = facts()
@@ -142,7 +132,7 @@ def make_splits(seed: int = 0, eval_facts: int = 30, train_repeats: int = 2) -> 
     held_out, train_facts = all_facts[:eval_facts], all_facts[eval_facts:]
 
     def pairs(split: list, repeats: int) -> list[dict]:
-        return [make_pair(fact, PAIR_KINDS[(i + r) % len(PAIR_KINDS)], all_facts, rng)
+        return [make_pair(fact, PAIR_KINDS[(i + r) % len(PAIR_KINDS)], rng)
                 for i, fact in enumerate(split) for r in range(repeats)]
 
     train, evals = pairs(train_facts, train_repeats), pairs(held_out, 2)

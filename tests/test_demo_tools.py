@@ -59,13 +59,11 @@ def test_generator_is_deterministic_and_verifiable():
         assert [m["role"] for m in row["chosen"]] == ["user", "assistant"]
         chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
         assert follows_instruction(prompt, chosen)
-        assert not follows_instruction(prompt, rejected) or chosen != rejected  # format, or the wrong word
-    # three kinds in equal numbers: "always terse" / "never terse" / a random word all score 50%
+        assert not follows_instruction(prompt, rejected)
+    # both kinds, balanced: "always terse" / "never terse" score 50%
     for rows in (train, evals):
-        answers = [(wants_one_word(r["chosen"][0]["content"]), word_count(r["rejected"][-1]["content"]) == 1)
-                   for r in rows]
-        counts = {kind: answers.count(kind) for kind in ((True, False), (False, True), (True, True))}
-        assert max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == len(rows), counts
+        asked = sum(wants_one_word(r["chosen"][0]["content"]) for r in rows)
+        assert asked == len(rows) // 2
 
 
 def test_eval_questions_are_held_out():
