@@ -70,8 +70,24 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(
             dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s)
         )
+    if accel.device_name() == "cpu":
+        _unlink_shm_buffers()
     device = torch.device(accel.device_name(), local_rank) if accel.device_name() == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    DeepSpeed's shm all-reduce (CPU accelerator) creates one ~66 MiB buffer per rank under /dev/shm
+    and never unlinks it, so every run, clean or killed, leaves its buffers in RAM. Once every rank has
+    mapped every buffer (DeepSpeed's init maps them all; the barrier says every rank is past it), the
+    names can go: the mappings live on until the processes exit, and then the memory is freed.
+    """
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
+    for path in Path("/dev/shm").glob(name):
+        path.unlink(missing_ok=True)
 
 
 def device_type() -> str:

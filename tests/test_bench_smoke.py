@@ -50,7 +50,7 @@ def test_throughput_toy_run_agrees_on_the_first_loss(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "| simpo-ds packed |" in out and "| simpo-ds padded" in out
+    assert "| simpo-ds packed (`sdpa_varlen`, the CPU default) |" in out and "| simpo-ds padded" in out
     assert "max difference" in out and "same step-1 pairs in every run: True" in out
     assert "first-step loss agrees across systems to 1e-4" in out and "**met**; same step-1" in out
     assert "pack efficiency ≥ 98% on the UltraFeedback-like set: 100.0%" in out

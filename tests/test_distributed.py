@@ -46,8 +46,9 @@ def free_port() -> int:
 
 def launch(script: str, args: list[str], ranks: int, timeout: int = TIMEOUT_S, check: bool = True):
     """``deepspeed --num_gpus N script args`` in its own process group; killed whole on timeout."""
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), script, *args]
+           "--master_port", str(port), script, *args]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -59,6 +60,8 @@ def launch(script: str, args: list[str], ranks: int, timeout: int = TIMEOUT_S, c
         pytest.fail(f"launch timed out after {timeout}s (process group killed):\n{out[-4000:]}")
     if check and proc.returncode != 0:
         pytest.fail(f"launch failed with exit code {proc.returncode}:\n{out[-6000:]}")
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"DeepSpeed shm buffers left in /dev/shm (RAM) after the run: {leaked}"
     return proc.returncode, out
 
 
