@@ -187,16 +187,24 @@ def collate_packed(pairs: Sequence[Pair], label_pad_token_id: int = -100) -> dic
         "labels": torch.tensor(labels, dtype=torch.long)[None],
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
         "max_seqlen": max(len(s) for s, _ in seqs),
-        "seq_to_pair": torch.arange(n_pairs).repeat_interleave(2),
-        "seq_is_chosen": torch.tensor([True, False] * n_pairs),
         "pred_positions": pred_positions,
         "pred_labels": flat_ids[pred_positions + 1],
         "pred_seq": torch.tensor(pred_seq, dtype=torch.long),
         "seq_num_tokens": torch.tensor(num_tok, dtype=torch.long),
-        "chosen_seq": torch.arange(0, 2 * n_pairs, 2),
-        "rejected_seq": torch.arange(1, 2 * n_pairs, 2),
+        **interleaved_pair_index(n_pairs),
         "num_pairs": n_pairs,
         "num_tokens": len(ids),
+    }
+
+
+def interleaved_pair_index(n_pairs: int) -> dict:
+    """Sequence bookkeeping of a packed row holding chosen, rejected of pair 0, then of pair 1, ...:
+    seq_to_pair [2P], seq_is_chosen [2P] bool, chosen_seq [P] = 0, 2, ..., rejected_seq [P] = 1, 3, ..."""
+    return {
+        "seq_to_pair": torch.arange(n_pairs).repeat_interleave(2),
+        "seq_is_chosen": torch.tensor([True, False] * n_pairs),
+        "chosen_seq": torch.arange(0, 2 * n_pairs, 2),
+        "rejected_seq": torch.arange(1, 2 * n_pairs, 2),
     }
 
 

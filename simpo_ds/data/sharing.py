@@ -55,6 +55,8 @@ from typing import Sequence
 
 import torch
 
+from simpo_ds.data.packing import interleaved_pair_index
+
 Pair = dict  # a tokenized pair (``simpo_ds.data.packing`` docstring)
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # role_ids values
@@ -124,14 +126,11 @@ def collate_shared(pairs: Sequence[Pair], label_pad_token_id: int = -100) -> dic
         "position_ids": row(pos),
         "segment_ids": row(seg),
         "role_ids": row(role),
-        "seq_to_pair": torch.arange(n_pairs).repeat_interleave(2),
-        "seq_is_chosen": torch.tensor([True, False] * n_pairs),
         "pred_positions": torch.tensor(pred_pos, dtype=torch.long),
         "pred_labels": torch.tensor(pred_lab, dtype=torch.long),
         "pred_seq": torch.tensor(pred_seq, dtype=torch.long),
         "seq_num_tokens": torch.tensor(num_tok, dtype=torch.long),
-        "chosen_seq": torch.arange(0, 2 * n_pairs, 2),
-        "rejected_seq": torch.arange(1, 2 * n_pairs, 2),
+        **interleaved_pair_index(n_pairs),
         "num_pairs": n_pairs,
         "num_tokens": len(ids),
         "seq_sq_sum": seq_sq,
