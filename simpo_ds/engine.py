@@ -262,7 +262,8 @@ def consolidated_state_dict(engine) -> dict | None:
 # checkpoints
 # ---------------------------------------------------------------------------------------------
 # Layout of ``output_dir/checkpoints/``:
-#   step_N/             complete checkpoint: DeepSpeed files + COMPLETE ({"step", "world_size"})
+#   step_N/             complete checkpoint: DeepSpeed files + COMPLETE ({"step", "world_size", "files":
+#                       {path: bytes}, "train_batch_size"})
 #   step_N.partial/     being written (or left by a killed save: ignored, removed by the next save)
 #   step_N/universal/   the same checkpoint converted for another world size (made on demand)
 #   latest              the tag of the newest complete checkpoint, replaced atomically, written last
@@ -442,7 +443,7 @@ def checkpoint_marker(path: Path) -> dict:
 
 def saved_world_size(path: Path) -> int:
     """Number of data-parallel ranks that wrote the checkpoint (COMPLETE marker, else its shards)."""
-    marker = json.loads((path / COMPLETE).read_text())
+    marker = checkpoint_marker(path)
     if "world_size" in marker:
         return int(marker["world_size"])
     shards = {p.name.split("_mp_rank")[0] for p in path.glob("*zero_pp_rank_*_optim_states.pt")}

@@ -57,10 +57,15 @@ def packed_step(model, pairs, max_tokens=10_000, chunk_size=7, **kw):
     policy = SimPOPolicy(model, chunk_size=chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, impl))
     lengths = [len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs]
     norm = StepNormalizer(len(pairs), sum(len(p["chosen_input_ids"]) - p["chosen_prompt_len"] for p in pairs))
+    return microbatched_step(policy, pairs, lengths, collate_packed, norm, max_tokens, **kw)
+
+
+def microbatched_step(policy, pairs, lengths, collate, norm, max_tokens, **kw):
+    """Plan ``pairs`` by ``lengths`` -> ``collate`` each micro-batch -> policy -> normalised loss,
+    backward -> (per-sequence average log-probs [2P] float64: chosen then rejected, metrics)."""
     total_stats, avg_by_pair = 0, {}
     for micro in plan_step(lengths, 1, max_tokens)[0]:
-        mb_pairs = [pairs[i] for i in micro.pairs]
-        batch = collate_packed(mb_pairs)
+        batch = collate([pairs[i] for i in micro.pairs])
         seq = policy(batch)
         loss, stats = microbatch_loss(seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **kw)
         loss.backward()

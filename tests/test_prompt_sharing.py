@@ -22,18 +22,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import assert_close, assert_grads_close, assert_metrics_close, grads, reference_step
-from test_packed_equivalence import VOCAB, make_pair, packed_step, varied_pairs
+from test_packed_equivalence import VOCAB, make_pair, microbatched_step, packed_step, varied_pairs
 from tiny_models import tiny_model
 
 from simpo_ds.config import SimPOConfig
-from simpo_ds.data.packing import plan_step
 from simpo_ds.data.sharing import (
     collate_shared,
     shared_attention_mask,
     shared_pair_num_tokens,
     shared_prefix_len,
 )
-from simpo_ds.loss import StepNormalizer, finalize_metrics, microbatch_loss
+from simpo_ds.loss import StepNormalizer
 from simpo_ds.model import SimPOPolicy, prepare_model
 from simpo_ds.shared_attention import (
     FLEX,
@@ -46,13 +45,7 @@ from simpo_ds.shared_attention import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread (small ops on an oversubscribed 2-core machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pair(chosen_prompt, rejected_prompt, chosen, rejected) -> dict:
@@ -100,20 +93,13 @@ def shared_step(model, pairs, max_tokens=10_000, chunk_size=7, **kw):
     policy = SimPOPolicy(model, chunk_size=chunk_size)
     lengths = [shared_pair_num_tokens(p) for p in pairs]
     norm = StepNormalizer(len(pairs), sum(len(p["chosen_input_ids"]) - max(p["chosen_prompt_len"], 1) for p in pairs))
-    total_stats, avg_by_pair = 0, {}
-    for micro in plan_step(lengths, 1, max_tokens)[0]:
-        batch = collate_shared([pairs[i] for i in micro.pairs])
+
+    def collate(micro_pairs):
+        batch = collate_shared(micro_pairs)
         assert batch["num_tokens"] <= max(max_tokens, max(lengths))
-        seq = policy(batch)
-        loss, stats = microbatch_loss(seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **kw)
-        loss.backward()
-        total_stats = total_stats + stats
-        avg = seq.average.detach()
-        for local, i in enumerate(micro.pairs):
-            avg_by_pair[i] = (avg[2 * local].item(), avg[2 * local + 1].item())
-    chosen = torch.tensor([avg_by_pair[i][0] for i in range(len(pairs))], dtype=torch.float64)
-    rejected = torch.tensor([avg_by_pair[i][1] for i in range(len(pairs))], dtype=torch.float64)
-    return torch.cat([chosen, rejected]), finalize_metrics(total_stats, kw.get("sft_weight", 0.0))
+        return batch
+
+    return microbatched_step(policy, pairs, lengths, collate, norm, max_tokens, **kw)
 
 
 def check_three_way(model, pairs, max_tokens=10_000, **kw):

@@ -27,14 +27,7 @@ from simpo_ds.loss import reduce_sequence_logps
 H, V = 8, 37
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: on an oversubscribed 2-core machine OpenMP barriers make
-    these small ops 10-50x slower with two threads. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def padded_case(seed: int = 0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datasets
 import pytest
-import torch
 from reference import reference_step
 from run_assets import make_tokenizer
 from test_packed_equivalence import check_equivalence, packed_step
@@ -25,14 +24,7 @@ TOKENIZER = make_tokenizer()  # WordLevel "w0".."w59" + ChatML specials; BOS <s>
 PAIR_KEYS = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: on an oversubscribed 2-core machine OpenMP barriers make
-    these small ops 10-50x slower with two threads. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def words(start: int, stop: int) -> str:
