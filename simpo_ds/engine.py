@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from simpo_ds.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # torch 2.13 deprecates the collective names DeepSpeed 0.19 still calls, once per call: keep logs readable.
@@ -140,7 +142,16 @@ def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, h
     Batch fields: one micro-batch per DeepSpeed step (the trainer accumulates variable-size packed
     micro-batches itself), so train_batch_size = world_size. Precision follows ``dtype``.
     """
-    ds = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 3}}
+    try:
+        ds = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 3}}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if zero_stage(ds) not in (1, 2, 3):
+        raise ConfigError(
+            f"{path}: zero_optimization.stage must be 1, 2 or 3, got {zero_stage(ds)} (a missing "
+            "zero_optimization means 0). Without ZeRO, DeepSpeed neither reports the gradient norm nor "
+            "skips non-finite fp32 updates; stage 1 costs the same on one GPU and shards optimizer states"
+        )
     ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = world_size
@@ -172,7 +183,7 @@ def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, h
         ds["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW runs on the CPU copy
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ValueError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}")
+        raise ConfigError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}")
     return ds
 
 

@@ -82,6 +82,25 @@ def test_missing_data_file_exits_naming_path(assets, tmp_path):
     assert result.returncode == 2 and "nope.jsonl" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "ds_text,needle",
+    [
+        ('{"zero_optimization": {"stage": 0}}', "zero_optimization.stage must be 1, 2 or 3, got 0"),
+        ('{"train_batch_size": "auto"}', "zero_optimization.stage must be 1, 2 or 3, got 0"),
+        ('{"zero_optimization": {"stage": 3,}}', "not valid JSON"),
+        ('{"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}', "cannot fill 'auto' for zero_optimization.sub_group_size"),
+    ],
+    ids=["stage0", "no-zero-section", "bad-json", "unfillable-auto"],
+)
+def test_bad_deepspeed_config_exits_naming_file_and_key(assets, tmp_path, ds_text, needle):
+    ds = tmp_path / "my_ds.json"
+    ds.write_text(ds_text)
+    result = run_cli("--model_name_or_path", assets["model"], "--train_data", assets["train"],
+                     "--output_dir", str(tmp_path / "out"), "--ds", str(ds))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert needle in result.stderr and "my_ds.json" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_training_arguments_batch_mapping():
     assert load_config(None, ["--train_batch_size", "64"]).resolve_batch_size(4) == 64
     cfg = load_config(None, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16"])

@@ -114,9 +114,11 @@ def check_against_reference(metrics, dump, reference):
         (2, "ds_configs/zero3.json", ["--max_tokens_per_microbatch", "96"]),
         (1, "ds_configs/zero3.json", ["--max_tokens_per_microbatch", "4096"]),
         (2, "ds_configs/zero2.json", ["--max_tokens_per_microbatch", "128"]),
+        (2, "ds_configs/zero1.json", ["--max_tokens_per_microbatch", "128"]),
         (2, "ds_configs/zero3_offload.json", ["--max_tokens_per_microbatch", "128"]),
     ],
-    ids=["zero3-2ranks-small-budget", "zero3-1rank-one-microbatch", "zero2-2ranks", "zero3-offload-2ranks"],
+    ids=["zero3-2ranks-small-budget", "zero3-1rank-one-microbatch", "zero2-2ranks", "zero1-2ranks",
+         "zero3-offload-2ranks"],
 )
 def test_one_step_equals_reference(assets, reference, tmp_path, ranks, ds_config, extra):
     metrics, dump = run_one_step(assets, tmp_path, ranks, ds_config, extra)
