@@ -10,10 +10,9 @@ grad) and an lm_head ``nn.Linear(H, V)``, then runs forward + backward of the su
   (log_softmax over the whole [T, V], gather, average) — what padded SimPO/TRL trainers do;
 - ``chunked C``: ``simpo_ds.loss.reduce_sequence_logps`` with ``chunk_size=C``, every position
   labelled, 16 sequences; C = auto is simpo-ds' default (``logits_chunk_size: 0``:
-  ``simpo_ds.loss.auto_chunk_size``, 2048 / 512 / 256 rows at 32k / 128k / 152k vocab), and 2048;
-- ``in-place auto`` (an EXPERIMENT, not simpo-ds as shipped): the same chunking, but each chunk is the
-  autograd Function :class:`InplaceChunkLogp` below — a proposed replacement of the reducer's
-  ``checkpoint(_chunk_token_logps)`` that holds ONE [chunk, V] buffer at a time instead of four.
+  ``simpo_ds.loss.auto_chunk_size``, 2048 / 512 / 256 rows at 32k / 128k / 152k vocab), and 2048.
+  A chunk's logits are recomputed in backward and overwritten by their own gradient, so a chunk
+  holds two [C, V] fp32 buffers at its peak (logits + logsumexp's temporary).
 
 Peak memory = the process's peak RSS (``ru_maxrss``) after the pass minus its RSS just before it
 (inputs and weights already allocated), i.e. the extra memory the reduction needs. Full-logits cases
@@ -37,72 +36,13 @@ from bench import ROOT, current_rss_bytes, environment, environment_markdown, wr
 VOCABS = (32_000, 128_256, 151_936)  # Llama-2/Mistral, Llama-3, Qwen2
 TOKENS = (2048, 8192, 16384)
 CHUNKS = (0, 2048)  # 0 = auto (simpo-ds' default logits_chunk_size)
-COLUMNS = tuple(("chunked", c) for c in CHUNKS) + (("inplace", 0),)  # (method, chunk) after "full"
-TITLES = {"chunked": "chunked {c}", "inplace": "in-place {c} (proposed, experiment)"}
+COLUMNS = tuple(("chunked", c) for c in CHUNKS)  # (method, chunk) after "full"
 
 
 def title(method: str, chunk: int) -> str:
-    return TITLES[method].format(c=chunk or "auto (default)" if method == "chunked" else chunk or "auto")
+    return f"{method} {chunk or 'auto (default)'}"
 HIDDEN = 64
 GIB = 2**30
-
-
-class InplaceChunkLogp:
-    """Proposed reducer chunk (bench prototype): log p(label) [n] and the mean raw logit [n] of rows [n, H].
-
-    Forward, under no_grad: logits = lm_head(rows) -> gather the label logit, the mean logit, then
-    logsumexp computed IN PLACE (sub max, exp_, sum); saves rows, labels, lse only. Backward: recompute
-    logits = lm_head(rows) with grad enabled (a module call, so ZeRO-3 gathers the weight as for the
-    current checkpoint recompute), turn that one buffer into the logits' gradient in place,
-    g * (onehot(label) - softmax) = scatter_add(-g * exp(logits - lse), label, g), and backpropagate it
-    through the lm_head call (weight gradients reach the module's parameters and their hooks).
-    Peak: one [n, V] fp32 buffer, vs four with ``checkpoint`` + ``log_softmax``/``logsumexp`` autograd.
-    Gradients are bit-identical to ``reduce_sequence_logps`` in the tested cases (bench smoke test).
-    """
-
-    @staticmethod
-    def function():
-        import torch
-
-        class _Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, rows, labels, lm_head, *params):
-                with torch.no_grad():
-                    logits = lm_head(rows).float()
-                    picked = logits.gather(1, labels[:, None]).squeeze(1)
-                    mean_logit = logits.mean(-1)
-                    top = logits.amax(-1, keepdim=True)
-                    lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
-                ctx.save_for_backward(rows, labels, lse)
-                ctx.lm_head = lm_head
-                ctx.mark_non_differentiable(mean_logit)
-                return picked - lse, mean_logit
-
-            @staticmethod
-            def backward(ctx, grad, _):
-                rows, labels, lse = ctx.saved_tensors
-                with torch.enable_grad():
-                    x = rows.detach().requires_grad_(rows.requires_grad)
-                    logits = ctx.lm_head(x)
-                    buf = logits.detach()  # the matmul saved its inputs, not this output: overwrite it
-                    buf.sub_(lse[:, None]).exp_().mul_(-grad[:, None]).scatter_add_(1, labels[:, None], grad[:, None])
-                    torch.autograd.backward(logits, buf)
-                return (x.grad if rows.requires_grad else None), None, None, *([None] * (len(ctx.needs_input_grad) - 3))
-
-        return _Fn
-
-    @staticmethod
-    def reduce(hidden, lm_head, pred_positions, pred_labels, pred_seq, seq_num_tokens, chunk_size=2048):
-        """Drop-in for ``reduce_sequence_logps`` (same arguments) -> per-sequence average log-probs [S]."""
-        import torch
-
-        fn = InplaceChunkLogp.function()
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)
-        params = [p for p in lm_head.parameters() if p.requires_grad]
-        parts = [fn.apply(flat[i : i + chunk_size], pred_labels[i : i + chunk_size], lm_head, *params)[0]
-                 for i in range(0, flat.shape[0], chunk_size)]
-        sums = torch.zeros(seq_num_tokens.shape[0]).index_add(0, pred_seq, torch.cat(parts))
-        return sums / seq_num_tokens
 
 
 def measure(method: str, vocab: int, tokens: int, chunk: int = 2048, hidden: int = HIDDEN) -> dict:
@@ -138,11 +78,7 @@ def measure(method: str, vocab: int, tokens: int, chunk: int = 2048, hidden: int
         pred_seq = seq_of[pred_positions]
         seq_num_tokens = torch.bincount(pred_seq, minlength=num_seqs)
         args = (h[None], lm_head, pred_positions, ids[pred_positions + 1], pred_seq, seq_num_tokens)
-        rows = chunk or auto_chunk_size(vocab)
-        if method == "inplace":
-            loss = InplaceChunkLogp.reduce(*args, chunk_size=rows).sum()
-        else:
-            loss = reduce_sequence_logps(*args, chunk_size=rows).average.sum()
+        loss = reduce_sequence_logps(*args, chunk_size=chunk or auto_chunk_size(vocab)).average.sum()
     loss.backward()
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -252,7 +188,7 @@ def main(argv=None) -> None:
         return
     env = environment()
     if args.toy:
-        toy = (("chunked", 64), ("inplace", 64))
+        toy = (("chunked", 64),)
         rows = run_all((1000,), (256,), toy, args.limit_gib)
         print(report(rows, toy, args.limit_gib, env))
         return

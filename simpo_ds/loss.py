@@ -47,11 +47,32 @@ class SequenceLogps(NamedTuple):
         return self.logp_sum / self.num_tokens.to(self.logp_sum.dtype)
 
 
+class _LabelLogp(torch.autograd.Function):
+    """log softmax(logits)[label]: logits [n, V] fp32, labels [n] -> [n].
+
+    Backward turns the saved logits INTO their gradient, g (onehot(label) - softmax), in place, so a
+    chunk holds one [n, V] buffer where autograd's logsumexp + gather would allocate three more. Safe
+    because the logits are the chunk's private fp32 tensor: the lm_head matmul saves its inputs, not
+    its output, and nothing else reads them (autograd's version counter would raise if it did).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        return logits.gather(1, labels[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -g * softmax
+        return grad_logits.scatter_add_(1, labels[:, None], grad[:, None]), None
+
+
 def _chunk_token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable) -> tuple:
     """hidden [n, H], labels [n] -> (log p(label) [n] fp32, mean logit over vocab [n] fp32)."""
     logits = lm_head(hidden).float()  # [n, V], the only vocab-sized tensor, freed after the chunk
-    token_logp = logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return token_logp, logits.detach().mean(dim=-1)
+    return _LabelLogp.apply(logits, labels), logits.detach().mean(dim=-1)
 
 
 LOGITS_CHUNK_ELEMENTS = 2**26  # 64 Mi fp32 logits = 256 MiB per chunk when logits_chunk_size is auto
@@ -80,8 +101,9 @@ def reduce_sequence_logps(
     hidden [B, L, H] (the decoder body's output); pred_positions [N] flat indices into B*L of the
     positions whose next token is an answer label pred_labels [N] of sequence pred_seq [N];
     seq_num_tokens [S]. Only those N rows reach ``lm_head`` (prompts cost no vocab FLOPs), in chunks
-    of ``chunk_size`` rows; each chunk's logits are recomputed in backward (activation checkpoint),
-    so peak memory is one chunk x V. ``lm_head`` is called as a module so ZeRO-3 hooks gather its
+    of ``chunk_size`` rows; each chunk's logits are recomputed in backward (activation checkpoint)
+    and overwritten there by their own gradient (:class:`_LabelLogp`), so peak memory is two
+    [chunk, V] fp32 buffers (logits + logsumexp's temporary). ``lm_head`` is called as a module so ZeRO-3 hooks gather its
     (possibly tied, partitioned) weight in forward and again in the recomputation.
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)  # [N, H]

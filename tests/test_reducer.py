@@ -123,6 +123,35 @@ def test_frozen_body_trainable_lm_head_gradient():
     assert rel_err(got, lm_head.weight.grad) <= 1e-5
 
 
+def test_bf16_lm_head_gradients_equal_autograd_log_softmax():
+    """A bf16 lm_head: the fp32 copy of the logits is what the in-place backward overwrites; the
+    gradients equal autograd through ``.float().log_softmax`` (same fp32 maths, same bf16 casts; one
+    chunk, as bf16 weight-gradient partial sums per chunk round differently)."""
+    hidden, lm_head, pos, labels, seq, n = padded_case()
+    lm_head = lm_head.to(torch.bfloat16)
+    hidden = hidden.detach().to(torch.bfloat16).requires_grad_()
+    reduce_sequence_logps(hidden, lm_head, pos, labels, seq, n, chunk_size=100).logp_sum.sum().backward()
+    got = hidden.grad.clone(), lm_head.weight.grad.clone()
+    hidden.grad = lm_head.weight.grad = None
+    logits = lm_head(hidden.reshape(-1, H)[pos]).float()
+    logits.log_softmax(-1).gather(1, labels[:, None]).sum().backward()
+    assert torch.equal(got[0], hidden.grad) and torch.equal(got[1], lm_head.weight.grad)
+
+
+def test_in_place_gradient_cannot_corrupt_another_reader_of_the_logits():
+    """The reducer's backward overwrites the logits with their gradient. Were the logits also saved
+    by another op that runs later in backward, autograd's version counter raises instead of letting
+    it read the overwritten values."""
+    from simpo_ds.loss import _LabelLogp
+
+    logits = torch.randn(4, V, requires_grad=True)
+    scaled = logits * 1.0  # a non-leaf, like lm_head's output
+    other = (scaled**2).sum()  # saves `scaled`; created first, so it runs after _LabelLogp in backward
+    total = other + _LabelLogp.apply(scaled, torch.tensor([0, 1, 2, 3])).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # memory: structure (saved tensors, live logits) at full size on the meta device
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +278,29 @@ RSS_CHILD = textwrap.dedent(
 )
 
 
+def measure_peaks(vocab: int, rows: int, hidden: int, chunk: int) -> dict:
+    """{"chunked": bytes, "full": bytes}: peak RSS growth of RSS_CHILD's two passes."""
+    pytest.importorskip("psutil")  # the child measures RSS with it
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    args = [str(x) for x in (vocab, rows, hidden, chunk)]
+    proc = subprocess.run([sys.executable, "-c", RSS_CHILD, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_one_chunk_peak_is_two_chunk_buffers():
+    """With chunks of 256 x 16384: the reducer's peak is ~2 chunk x V fp32 buffers (the recomputed
+    logits, overwritten in place by their gradient, and logsumexp's temporary) — measured 2.1; it was
+    4.1 when autograd's logsumexp/gather backward allocated their own [chunk, V] gradients."""
+    chunk_bytes = 256 * RSS_VOCAB * 4
+    peaks = measure_peaks(RSS_VOCAB, 1024, RSS_HIDDEN, 256)
+    assert peaks["chunked"] < 2.5 * chunk_bytes, f"{peaks['chunked'] / chunk_bytes:.2f} chunk buffers"
+
+
 def test_peak_rss_is_chunk_sized_not_t_by_v():
     """Forward + backward of the chunked reducer raises the process's peak RSS by a small fraction of
     the T x V x 4 bytes the full-logits path needs (whose forward alone this measurement sees at
@@ -257,20 +309,10 @@ def test_peak_rss_is_chunk_sized_not_t_by_v():
     Measured in a fresh subprocess: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS
     before. glibc's dynamic mmap threshold would serve the freed chunk-sized blocks from its heap and
     keep them, so the child pins ``MALLOC_MMAP_THRESHOLD_`` and every large tensor is an mmap
-    returned on free: RSS then tracks live tensors. Backward keeps ~5 chunk x V tensors alive at once
-    (recomputed logits, logsumexp's softmax, gather's scatter, their sum), so the bound needs
-    chunk << T; sizes are kept small for a 2-core machine (the ratio is what matters), and the child
+    returned on free: RSS then tracks live tensors. Backward keeps 2 chunk x V tensors alive at once
+    (recomputed logits, logsumexp's temporary), so the bound needs chunk << T; sizes are kept small for a 2-core machine (the ratio is what matters), and the child
     runs one thread (OpenMP barriers crawl on an oversubscribed machine)."""
-    pytest.importorskip("psutil")  # the child measures RSS with it
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    args = [str(x) for x in (RSS_VOCAB, RSS_ROWS, RSS_HIDDEN, RSS_CHUNK)]
-    proc = subprocess.run([sys.executable, "-c", RSS_CHILD, *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    peaks = measure_peaks(RSS_VOCAB, RSS_ROWS, RSS_HIDDEN, RSS_CHUNK)
     full_bytes = RSS_ROWS * RSS_VOCAB * 4
     assert peaks["full"] >= 2 * full_bytes  # the measurement sees a T x V tensor
     assert peaks["chunked"] < 0.25 * full_bytes, f"chunked peak {peaks['chunked'] / 2**20:.0f} MiB"
