@@ -69,9 +69,12 @@ class _LabelLogp(torch.autograd.Function):
         return grad_logits.scatter_add_(1, labels[:, None], grad[:, None]), None
 
 
-def _chunk_token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable) -> tuple:
+def _chunk_token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable,
+                       logits_transform: Callable | None = None) -> tuple:
     """hidden [n, H], labels [n] -> (log p(label) [n] fp32, mean logit over vocab [n] fp32)."""
     logits = lm_head(hidden).float()  # [n, V], the only vocab-sized tensor, freed after the chunk
+    if logits_transform is not None:  # the model's softcapping / logit scale (simpo_ds.model.logits_transform)
+        logits = logits_transform(logits)
     return _LabelLogp.apply(logits, labels), logits.detach().mean(dim=-1)
 
 
@@ -95,6 +98,7 @@ def reduce_sequence_logps(
     pred_seq: torch.Tensor,
     seq_num_tokens: torch.Tensor,
     chunk_size: int = 2048,
+    logits_transform: Callable | None = None,
 ) -> SequenceLogps:
     """Per-sequence answer log-prob sums without ever materialising [T, V] logits.
 
@@ -103,8 +107,10 @@ def reduce_sequence_logps(
     seq_num_tokens [S]. Only those N rows reach ``lm_head`` (prompts cost no vocab FLOPs), in chunks
     of ``chunk_size`` rows; each chunk's logits are recomputed in backward (activation checkpoint)
     and overwritten there by their own gradient (:class:`_LabelLogp`), so peak memory is two
-    [chunk, V] fp32 buffers (logits + logsumexp's temporary). ``lm_head`` is called as a module so ZeRO-3 hooks gather its
-    (possibly tied, partitioned) weight in forward and again in the recomputation.
+    [chunk, V] fp32 buffers (logits + logsumexp's temporary). ``lm_head`` is called as a module so
+    ZeRO-3 hooks gather its (possibly tied, partitioned) weight in forward and again in the
+    recomputation; ``logits_transform`` (fp32 logits -> logits) is what the model's forward applies
+    after it (softcapping, logit scale: :func:`simpo_ds.model.logits_transform`).
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)  # [N, H]
     head_params = lm_head.parameters() if isinstance(lm_head, torch.nn.Module) else ()
@@ -115,9 +121,9 @@ def reduce_sequence_logps(
         rows = flat[start : start + chunk_size]
         labels = pred_labels[start : start + chunk_size]
         if needs_grad:
-            lp, lg = checkpoint(_chunk_token_logps, rows, labels, lm_head, use_reentrant=False)
+            lp, lg = checkpoint(_chunk_token_logps, rows, labels, lm_head, logits_transform, use_reentrant=False)
         else:
-            lp, lg = _chunk_token_logps(rows, labels, lm_head)
+            lp, lg = _chunk_token_logps(rows, labels, lm_head, logits_transform)
         token_logps.append(lp)
         token_logits.append(lg)
     num_seqs = seq_num_tokens.shape[0]

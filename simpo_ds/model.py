@@ -11,6 +11,7 @@ beforehand so ZeRO-3 partitions the weights while they load.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,6 +49,55 @@ def batch_to_device(batch: dict, device: torch.device | str) -> dict:
     }
 
 
+# What a ForCausalLM.forward does to lm_head's output before returning it as logits, by model_type
+# (transformers 5.x modeling files). The reducer calls lm_head itself, so it must apply the same.
+LOGIT_MULTIPLIER = {"cohere": "logit_scale", "cohere2": "logit_scale", "cohere2_moe": "logit_scale",
+                    "hyperclovax": "logits_scaling"}
+LOGIT_DIVISOR = {name: "logits_scaling" for name in (
+    "granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa")}
+
+
+def logits_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The model's own post-processing of ``lm_head(hidden)``, as a function of fp32 logits [n, V]:
+    Cohere's ``logit_scale`` (multiply), Granite's ``logits_scaling`` (divide), HyperCLOVA X's
+    (multiply), then Gemma-style ``final_logit_softcapping`` (cap * tanh(logits / cap)). None when
+    the logits are lm_head's output as is. A model type not listed here that carries one of these
+    scale keys is refused (the same key means multiply for one model and divide for another).
+
+    Each returned function ends in a fresh tensor that no autograd node saves (a product by a
+    Python scalar), which the reducer's in-place backward relies on.
+    """
+    from simpo_ds.config import ConfigError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", "")
+    scale = 1.0
+    if model_type in LOGIT_MULTIPLIER:
+        scale = float(getattr(text, LOGIT_MULTIPLIER[model_type]) or 1.0)
+    elif model_type in LOGIT_DIVISOR:
+        scale = 1.0 / float(getattr(text, LOGIT_DIVISOR[model_type]) or 1.0)
+    else:
+        for key in ("logit_scale", "logits_scaling"):
+            if getattr(text, key, None) not in (None, 1, 1.0):
+                raise ConfigError(
+                    f"model type {model_type!r} sets {key}={getattr(text, key)}: simpo-ds does not know how "
+                    f"its forward applies it to the logits (the reducer calls lm_head directly); known: "
+                    f"{sorted(LOGIT_MULTIPLIER) + sorted(LOGIT_DIVISOR)}"
+                )
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is None and scale == 1.0:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale != 1.0:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
 class SimPOPolicy(nn.Module):
     """Wraps a causal LM (optionally PEFT-wrapped) to return per-sequence answer log-prob sums.
 
@@ -62,6 +112,7 @@ class SimPOPolicy(nn.Module):
         lm = self.causal_lm
         vocab = getattr(lm.get_output_embeddings(), "out_features", None) or lm.config.vocab_size
         self.chunk_size = chunk_size or auto_chunk_size(vocab)
+        self.logits_transform = logits_transform(lm.config)  # softcapping / logit scale, or None
         self.attn_kwargs_fn = attn_kwargs_fn  # batch -> extra forward kwargs (varlen cu_seqlens)
 
     @property
@@ -89,6 +140,7 @@ class SimPOPolicy(nn.Module):
             batch["pred_seq"],
             batch["seq_num_tokens"],
             chunk_size=self.chunk_size,
+            logits_transform=self.logits_transform,
         )
 
 

@@ -102,6 +102,28 @@ def test_packed_equals_padded(arch, attn):
     check_equivalence(model, varied_pairs(0))
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+def test_models_that_post_process_logits(kind):
+    """Gemma-2's final softcapping, Cohere's logit_scale, Granite's logits_scaling happen in the model's
+    forward after lm_head; the reducer calls lm_head itself and must apply them too."""
+    from tiny_models import tiny_logit_transform_model
+
+    check_equivalence(tiny_logit_transform_model(kind, seed=4), varied_pairs(3))
+
+
+def test_unknown_logit_scale_is_refused():
+    from transformers import LlamaConfig
+
+    from simpo_ds.config import ConfigError
+    from simpo_ds.model import logits_transform
+
+    assert logits_transform(LlamaConfig()) is None
+    odd = LlamaConfig()
+    odd.logits_scaling = 8.0  # e.g. a remote-code model: multiply or divide?
+    with pytest.raises(ConfigError, match="model type 'llama' sets logits_scaling=8.0"):
+        logits_transform(odd)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
