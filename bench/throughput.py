@@ -61,7 +61,7 @@ class Settings:
     batch: int = 16  # pairs per optimizer step (global), every system
     budget: int = 1024  # simpo-ds max_tokens_per_microbatch (the default 8192 / scale)
     trl_micro: int = 4  # TRL per_device_train_batch_size; accumulation = batch / trl_micro
-    steps: int = 6  # optimizer steps per run; the first is warm-up
+    steps: int = 9  # optimizer steps per run; the first is warm-up
     repeats: int = 3
     ds: str = "ds_configs/zero2.json"
     beta: float = 2.0
@@ -217,7 +217,7 @@ def run_trl(s: Settings, out: Path) -> dict:
     args = CPOConfig(
         output_dir=str(out), per_device_train_batch_size=s.trl_micro,
         gradient_accumulation_steps=s.batch // s.trl_micro, max_steps=s.steps, learning_rate=s.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
         beta=s.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=s.gamma_beta_ratio * s.beta,
         max_length=s.max_length, train_sampling_strategy="sequential", use_cpu=True, bf16=False,
         dataloader_num_workers=0, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
@@ -458,7 +458,8 @@ def report(s: Settings, runs: list[dict], extra: dict, env: dict, env_end: str, 
         f"(micro-batches = the packed ones, padded); TRL: per-device batch {s.trl_micro}, gradient accumulation "
         f"{s.batch // s.trl_micro}, sequential sampler over the rows in simpo-ds' step order",
         f"- beta {s.beta}, gamma_beta_ratio {s.gamma_beta_ratio} (TRL `simpo_gamma={s.beta * s.gamma_beta_ratio:g}`, "
-        f"`cpo_alpha=0`), lr {s.learning_rate} constant, AdamW, clip 1.0",
+        f"`cpo_alpha=0`), lr {s.learning_rate} constant, AdamW (torch's fused kernel in both trainers: simpo-ds' "
+        f"default client optimizer, TRL `optim=adamw_torch_fused`), clip 1.0",
         f"- {s.steps} optimizer steps per run, the first is warm-up; {s.repeats} repeats per system, interleaved; "
         f"each number is the **median over repeats** (tokens/s range in the last column); step time = wall-clock "
         f"interval between the ends of consecutive optimizer steps; tokens / CPU-s uses the process CPU time of "
