@@ -105,9 +105,10 @@ def reduce_sequence_logps(
     hidden [B, L, H] (the decoder body's output); pred_positions [N] flat indices into B*L of the
     positions whose next token is an answer label pred_labels [N] of sequence pred_seq [N];
     seq_num_tokens [S]. Only those N rows reach ``lm_head`` (prompts cost no vocab FLOPs), in chunks
-    of ``chunk_size`` rows; each chunk's logits are recomputed in backward (activation checkpoint)
-    and overwritten there by their own gradient (:class:`_LabelLogp`), so peak memory is two
-    [chunk, V] fp32 buffers (logits + logsumexp's temporary). ``lm_head`` is called as a module so
+    of ``chunk_size`` rows; each chunk's logits but the last are recomputed in backward (activation
+    checkpoint; the last chunk is the first backward needs, so its logits are kept) and overwritten
+    there by their own gradient (:class:`_LabelLogp`), so peak memory is two [chunk, V] fp32 buffers
+    (logits + logsumexp's temporary). ``lm_head`` is called as a module so
     ZeRO-3 hooks gather its (possibly tied, partitioned) weight in forward and again in the
     recomputation; ``logits_transform`` (fp32 logits -> logits) is what the model's forward applies
     after it (softcapping, logit scale: :func:`simpo_ds.model.logits_transform`).
@@ -120,7 +121,8 @@ def reduce_sequence_logps(
     for start in range(0, flat.shape[0], chunk_size):
         rows = flat[start : start + chunk_size]
         labels = pred_labels[start : start + chunk_size]
-        if needs_grad:
+        # the last chunk keeps its logits: backward starts with it, so recomputing would not lower the peak
+        if needs_grad and start + chunk_size < flat.shape[0]:
             lp, lg = checkpoint(_chunk_token_logps, rows, labels, lm_head, logits_transform, use_reentrant=False)
         else:
             lp, lg = _chunk_token_logps(rows, labels, lm_head, logits_transform)
