@@ -528,6 +528,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int)
     parser.add_argument("--trl-micro", type=int, dest="trl_micro")
     parser.add_argument("--dataset", choices=("uf_like", "long_prompt"))
+    parser.add_argument("--scale", type=float, help="divide UltraFeedback-like lengths by this (default 8; 1 = full)")
     parser.add_argument("--data-dir", dest="data_dir", help="bench.make_data output (default outputs/bench/data)")
     parser.add_argument("--run-dir", dest="run_dir", help="run outputs and logs (default outputs/bench/throughput)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: every core)")
@@ -542,7 +543,8 @@ def main(argv=None) -> None:
         worker(args.worker, Settings(**json.loads(args.settings)), Path(args.result))
         return
     s = Settings(**TOY) if args.toy else Settings()
-    for key in ("repeats", "steps", "batch", "budget", "trl_micro", "dataset", "ds", "threads", "data_dir", "run_dir"):
+    for key in ("repeats", "steps", "batch", "budget", "trl_micro", "dataset", "scale", "ds", "threads", "data_dir",
+                "run_dir"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if s.batch % s.trl_micro:
