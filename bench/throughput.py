@@ -1,6 +1,8 @@
 """Training throughput: simpo-ds packed vs simpo-ds padded vs TRL's CPOTrainer (loss_type="simpo").
 
-    python -m bench.throughput                  # the full benchmark (~15 min on 2 CPU cores)
+    python -m bench.throughput                  # lengths / 8 (~15 min on 2 CPU cores)
+    python -m bench.throughput --scale 1 --budget 8192 --steps 4 --repeats 2 --systems packed,padded,trl \\
+        --data-dir outputs/bench/data_full --section throughput_full_scale    # full lengths (~25 min)
     python -m bench.throughput --profile        # + where a packed step's time goes (one more process)
     python -m bench.throughput --toy --inline   # seconds: every code path at toy size (the smoke test)
 
