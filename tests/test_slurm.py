@@ -31,6 +31,11 @@ from test_preemption import COMPARED, RTOL, metric_error
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 JOB_TIMEOUT_S = 420  # per job, restart included (a loaded 2-core machine is slow to start ranks)
+# the daemons live in sbin, which a minimal PATH (env -i, some CI runners) leaves out
+os.environ["PATH"] = os.pathsep.join(
+    [os.environ.get("PATH", "")] + [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin")
+                                    if d not in os.environ.get("PATH", "").split(os.pathsep)]
+)
 SLURM = os.geteuid() == 0 and all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged"))
 needs_slurm = pytest.mark.skipif(
     not SLURM, reason="needs root and slurmctld/slurmd/sbatch/munged (bash scripts/slurm_test.sh installs them)"
