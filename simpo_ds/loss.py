@@ -108,9 +108,8 @@ def reduce_sequence_logps(
     of ``chunk_size`` rows; each chunk's logits but the last are recomputed in backward (activation
     checkpoint; the last chunk is the first backward needs, so its logits are kept) and overwritten
     there by their own gradient (:class:`_LabelLogp`), so peak memory is two [chunk, V] fp32 buffers
-    (logits + logsumexp's temporary). ``lm_head`` is called as a module so
-    ZeRO-3 hooks gather its (possibly tied, partitioned) weight in forward and again in the
-    recomputation; ``logits_transform`` (fp32 logits -> logits) is what the model's forward applies
+    (logits + logsumexp's temporary). ``lm_head`` is called as a module so ZeRO-3 hooks gather its
+    (possibly tied, partitioned) weight in forward and again in the recomputation; ``logits_transform`` (fp32 logits -> logits) is what the model's forward applies
     after it (softcapping, logit scale: :func:`simpo_ds.model.logits_transform`).
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)  # [N, H]

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from simpo_ds.config import ConfigError
 from simpo_ds.loss import SequenceLogps, auto_chunk_size, reduce_sequence_logps
 from simpo_ds.shared_attention import prompt_sharing_mask
 
@@ -67,8 +68,6 @@ def logits_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
     Each returned function ends in a fresh tensor that no autograd node saves (a product by a
     Python scalar), which the reducer's in-place backward relies on.
     """
-    from simpo_ds.config import ConfigError
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", "")
     scale = 1.0
