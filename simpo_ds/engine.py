@@ -47,6 +47,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or one to resume from is incomplete or damaged."""
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: it timed out (a peer is stuck or diverged) or a peer died."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed collective (gloo/NCCL timeout, peer closed), not a bug of ours."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                                      "NCCL", "Gloo", "gloo", "collective mismatch")
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # process group
 # ---------------------------------------------------------------------------------------------
@@ -56,11 +71,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
+# Waits where one rank works while the others stand by (rank 0 tokenizes a dataset first, writes the
+# exported model, converts a checkpoint) may last far longer than any training collective: they run on
+# a second (gloo) group with this timeout, so ``collective_timeout_s`` can stay short.
+ONE_SIDED_TIMEOUT_S = 4 * 3600
+_wait_group = None
+
+
+def init_distributed(timeout_s: int = 300) -> tuple[int, int, torch.device]:
     """Join (or create, for a plain ``python`` run) the process group -> (rank, world_size, device).
 
-    Backend: nccl on CUDA, gloo on CPU (DeepSpeed's accelerator decides).
+    Backend: nccl on CUDA, gloo on CPU (DeepSpeed's accelerator decides). ``timeout_s`` bounds every
+    training and evaluation collective (a stuck or diverged rank becomes an error within it);
+    :func:`barrier` and :func:`broadcast_object` wait on a separate group bounded by
+    ``ONE_SIDED_TIMEOUT_S``.
     """
+    global _wait_group
     if "RANK" not in os.environ:  # single process without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -72,6 +98,8 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(
             dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s)
         )
+    if _wait_group is None and dist.get_world_size() > 1:
+        _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, ONE_SIDED_TIMEOUT_S)))
     if accel.device_name() == "cpu":
         _unlink_shm_buffers()
     device = torch.device(accel.device_name(), local_rank) if accel.device_name() == "cuda" else torch.device("cpu")
@@ -97,8 +125,9 @@ def device_type() -> str:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    """Wait for every rank (on the one-sided-wait group: rank 0 may be writing files meanwhile)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_wait_group)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -116,11 +145,11 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 
 
 def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank."""
+    """Send a picklable object from ``src`` to every rank (the others may wait long: one-sided group)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_wait_group)
     return box[0]
 
 

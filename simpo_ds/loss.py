@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,20 @@ def auto_chunk_size(vocab_size: int, elements: int = LOGITS_CHUNK_ELEMENTS) -> i
     return min(max(1 << (rows.bit_length() - 1), 64), 8192)
 
 
+def num_chunks(rows: int, chunk_size: int) -> int:
+    """lm_head chunks the reducer runs for ``rows`` answer-label rows on its own: ceil(rows / chunk)."""
+    return -(-rows // chunk_size)
+
+
+def lockstep_chunk_counts(rows: Sequence[Sequence[int]], chunk_size: int) -> list[int]:
+    """rows[rank][micro-batch] (answer-label rows each rank's micro-batch will hold) -> the chunk count
+    of every micro-batch that EVERY rank runs: the max over ranks (ZeRO-3 lock-step, DESIGN.md §4).
+
+    The pack plan is computed identically on every rank, so each rank derives the same counts from it
+    without a collective. A rank with fewer rows runs empty chunks (its lm_head is still called)."""
+    return [max(num_chunks(r, chunk_size) for r in per_micro) for per_micro in zip(*rows)]
+
+
 def reduce_sequence_logps(
     hidden: torch.Tensor,
     lm_head: Callable,
@@ -99,6 +113,7 @@ def reduce_sequence_logps(
     seq_num_tokens: torch.Tensor,
     chunk_size: int = 2048,
     logits_transform: Callable | None = None,
+    chunks: int | None = None,
 ) -> SequenceLogps:
     """Per-sequence answer log-prob sums without ever materialising [T, V] logits.
 
@@ -111,17 +126,29 @@ def reduce_sequence_logps(
     (logits + logsumexp's temporary). ``lm_head`` is called as a module so ZeRO-3 hooks gather its
     (possibly tied, partitioned) weight in forward and again in the recomputation; ``logits_transform`` (fp32 logits -> logits) is what the model's forward applies
     after it (softcapping, logit scale: :func:`simpo_ds.model.logits_transform`).
+
+    ``chunks``: run exactly this many lm_head calls (default: ``num_chunks(N, chunk_size)``). Under
+    ZeRO-3 every rank must call the partitioned lm_head equally often, in forward and in the
+    recomputation, so the trainer passes the count agreed across ranks
+    (:func:`lockstep_chunk_counts`); chunks past this rank's rows are empty [0, H] calls, and which
+    chunks are checkpointed depends on the chunk index alone, never on the local row count.
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_positions)  # [N, H]
+    chunks = num_chunks(flat.shape[0], chunk_size) if chunks is None else chunks
+    if chunks * chunk_size < flat.shape[0]:
+        raise RuntimeError(
+            f"reducer: {flat.shape[0]} answer-label rows do not fit {chunks} chunk(s) of {chunk_size} rows: "
+            "the batch does not match the pack plan its chunk count was agreed on"
+        )
     head_params = lm_head.parameters() if isinstance(lm_head, torch.nn.Module) else ()
     # recompute in backward whenever anything upstream needs a gradient (body OR a trainable head)
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in head_params))
     token_logps, token_logits = [], []
-    for start in range(0, flat.shape[0], chunk_size):
-        rows = flat[start : start + chunk_size]
-        labels = pred_labels[start : start + chunk_size]
+    for k in range(chunks):
+        rows = flat[k * chunk_size : (k + 1) * chunk_size]
+        labels = pred_labels[k * chunk_size : (k + 1) * chunk_size]
         # the last chunk keeps its logits: backward starts with it, so recomputing would not lower the peak
-        if needs_grad and start + chunk_size < flat.shape[0]:
+        if needs_grad and k < chunks - 1:
             lp, lg = checkpoint(_chunk_token_logps, rows, labels, lm_head, logits_transform, use_reentrant=False)
         else:
             lp, lg = _chunk_token_logps(rows, labels, lm_head, logits_transform)

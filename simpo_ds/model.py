@@ -102,6 +102,8 @@ class SimPOPolicy(nn.Module):
 
     forward(batch) with a packed batch (input_ids [1, T], position_ids [1, T], no attention_mask) or a
     padded one (input_ids [R, L], attention_mask [R, L]) -> SequenceLogps over the batch's S sequences.
+    ``batch["num_chunks"]`` (optional int): the lm_head chunk count every rank runs for this
+    micro-batch (:func:`simpo_ds.loss.lockstep_chunk_counts`); without it the local count.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 0, attn_kwargs_fn=None):
@@ -140,6 +142,7 @@ class SimPOPolicy(nn.Module):
             batch["seq_num_tokens"],
             chunk_size=self.chunk_size,
             logits_transform=self.logits_transform,
+            chunks=batch.get("num_chunks"),  # agreed across ranks by the trainer (ZeRO-3 lock-step)
         )
 
 

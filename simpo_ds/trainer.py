@@ -31,7 +31,9 @@ from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
 from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
 from simpo_ds.data.sharing import collate_shared, shared_pair_num_tokens
-from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, microbatch_loss
+from simpo_ds.lockstep import CallCounter, check_equal
+from simpo_ds.lockstep import enabled as lockstep_enabled
+from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, lockstep_chunk_counts, microbatch_loss
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
 from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb, training_flops
 from simpo_ds.shared_attention import choose_shared_attn_implementation
@@ -60,6 +62,9 @@ class PairData:
                 "chosen_answer_tokens": [
                     len(c) - max(p, 1) for c, p in zip(b["chosen_input_ids"], b["chosen_prompt_len"])
                 ],
+                "rejected_answer_tokens": [
+                    len(r) - max(p, 1) for r, p in zip(b["rejected_input_ids"], b["rejected_prompt_len"])
+                ],
                 # tokens in a prompt-sharing row: the prompts' common prefix counted once
                 "shared_tokens": [
                     shared_pair_num_tokens(dict(zip(keys, values))) for values in zip(*(b[k] for k in keys))
@@ -71,6 +76,8 @@ class PairData:
         )
         self.pair_tokens = np.asarray(lengths["pair_tokens"], dtype=np.int64)
         self.chosen_answer_tokens = np.asarray(lengths["chosen_answer_tokens"], dtype=np.int64)
+        # rows that reach the lm_head (answer labels of both sequences), in every layout
+        self.label_tokens = self.chosen_answer_tokens + np.asarray(lengths["rejected_answer_tokens"], dtype=np.int64)
         self.shared_tokens = np.asarray(lengths["shared_tokens"], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -110,6 +117,8 @@ class Trainer:
         self.stop_signal: Optional[str] = None  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # any rank was signalled (known after each step's all-reduce)
         self.preempted = False
+        self.where = "setup"  # what this rank is doing, for the message of a collective that times out
+        self.call_counter: Optional[CallCounter] = None  # debug_lockstep
 
     # =========================================================================================
     # setup
@@ -197,6 +206,8 @@ class Trainer:
             return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
 
         self.engine = ds.build_engine(self.policy, self.ds_config, cfg, scheduler_fn)
+        if lockstep_enabled(cfg.debug_lockstep):
+            self.call_counter = CallCounter(self.policy, self.device)
         lm_cfg = self.policy.causal_lm.config
         self.num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.policy.parameters())
         self.flops_shape = (lm_cfg.num_hidden_layers, lm_cfg.hidden_size)
@@ -206,7 +217,22 @@ class Trainer:
     # the loop
     # =========================================================================================
     def train(self) -> dict:
-        """Run to ``total_steps``; returns the last train metrics (plus ``train_loss``)."""
+        """Run to ``total_steps``; returns the last train metrics (plus ``train_loss``).
+
+        A collective that fails (times out after ``collective_timeout_s``, or a peer died) raises
+        :class:`simpo_ds.engine.CollectiveError` naming this rank and what it was doing."""
+        try:
+            return self._train()
+        except RuntimeError as err:
+            if isinstance(err, ds.CollectiveError) or not ds.is_collective_failure(err):
+                raise
+            raise ds.CollectiveError(
+                f"rank {getattr(self, 'rank', '?')} at {self.where}: a collective failed ({str(err).splitlines()[0]}). "
+                f"Another rank is stuck, died, or ran a different sequence of collectives; a collective "
+                f"waits at most collective_timeout_s={self.cfg.collective_timeout_s}s"
+            ) from err
+
+    def _train(self) -> dict:
         self.setup()
         cfg = self.cfg
         if cfg.eval_on_start and self.step == 0 and self.has_eval:
@@ -271,28 +297,53 @@ class Trainer:
         order = np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.train_data))
         return order[k * self.cfg.train_batch_size : (k + 1) * self.cfg.train_batch_size]
 
+    def _micro_batches(self, data: PairData, pair_ids: np.ndarray, what: str):
+        """This rank's micro-batches of ``pair_ids`` -> (k, count, MicroBatchPlan, collated batch).
+
+        Lock-step across ranks (ZeRO-3, DESIGN.md §4-5): the pack plan is computed identically on every
+        rank, so every rank runs the same number of micro-batches and, in micro-batch k, the same number
+        of lm_head chunks (``batch["num_chunks"]``: the most any rank's micro-batch k needs).
+        """
+        cfg = self.cfg
+        plan = plan_step(data.row_tokens(cfg.prompt_sharing)[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
+        label_rows = [[int(data.label_tokens[pair_ids[list(m.pairs)]].sum()) for m in rank_plan] for rank_plan in plan]
+        chunks = lockstep_chunk_counts(label_rows, self.policy.chunk_size)
+        for k, micro in enumerate(plan[self.rank]):
+            self.where = f"{what}, micro-batch {k + 1}/{len(chunks)}"
+            batch = self._collate(data.pairs(pair_ids[list(micro.pairs)]))
+            batch["num_chunks"] = chunks[k]
+            if self.call_counter is not None:
+                check_equal({"planned lm_head chunks": chunks[k]}, f"{self.where}, before forward", self.device)
+            yield k, len(chunks), micro, batch
+
+    def _check_lockstep(self, phase: str) -> None:
+        """``debug_lockstep``: every rank made the same module calls since the last check."""
+        if self.call_counter is not None:
+            self.call_counter.check(f"{self.where}, {phase}")
+
     def train_step(self, pair_ids: np.ndarray) -> dict:
         """One optimizer step over ``pair_ids`` (the whole global batch; this rank runs its share)."""
         cfg, data = self.cfg, self.train_data
         start = time.perf_counter()
-        plan = plan_step(data.row_tokens(cfg.prompt_sharing)[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
         norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
         # real tokens, processed tokens, sum of squared sequence lengths, stop requested (signal)
         counters = torch.zeros(4, dtype=torch.float64, device=self.device)
-        my_plan = plan[self.rank]
-        for k, micro in enumerate(my_plan):
-            batch = self._collate(data.pairs(pair_ids[list(micro.pairs)]))
-            self.engine.set_gradient_accumulation_boundary(k == len(my_plan) - 1)
+        for k, count, micro, batch in self._micro_batches(data, pair_ids, f"train step {self.step + 1}"):
+            self.engine.set_gradient_accumulation_boundary(k == count - 1)
             seq = self.engine(batch)
             loss, micro_stats = microbatch_loss(
                 seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **self._loss_kwargs()
             )
+            self._check_lockstep("forward")
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
+            self._check_lockstep("backward")
             stats += micro_stats
             counters[:3] += micro.weight * torch.tensor(_token_counts(batch), dtype=torch.float64, device=self.device)
+        self.where = f"train step {self.step + 1}, optimizer step"
         self._emit("before_optimizer_step", pair_ids=pair_ids)
         self.engine.step()
+        self.where = f"train step {self.step + 1}, metrics all-reduce"
         counters[3] = float(self.stop_signal is not None)
         ds.all_reduce_sum(stats)
         ds.all_reduce_sum(counters)  # one collective: every rank learns whether any rank was signalled
@@ -384,15 +435,16 @@ class Trainer:
         everything = np.arange(len(data))
         for start in range(0, len(data), self.cfg.train_batch_size):
             chunk = everything[start : start + self.cfg.train_batch_size]
-            plan = plan_step(data.row_tokens(self.cfg.prompt_sharing)[chunk].tolist(), self.world_size, self.cfg.max_tokens_per_microbatch)
-            for micro in plan[self.rank]:
-                batch = self._collate(data.pairs(chunk[list(micro.pairs)]))
+            what = f"eval at step {self.step}, pairs {start}-{start + len(chunk) - 1}"
+            for _, _, micro, batch in self._micro_batches(data, chunk, what):
                 seq = self.engine(batch)
-                norm = StepNormalizer(1, 1)
                 _, micro_stats = microbatch_loss(
-                    seq, batch["chosen_seq"], batch["rejected_seq"], norm, weight=micro.weight, **self._loss_kwargs()
+                    seq, batch["chosen_seq"], batch["rejected_seq"], StepNormalizer(1, 1), weight=micro.weight,
+                    **self._loss_kwargs()
                 )
+                self._check_lockstep("forward")
                 stats += micro_stats
+        self.where = f"eval at step {self.step}, metrics all-reduce"
         ds.all_reduce_sum(stats)
         self.engine.train()
         metrics = finalize_metrics(stats, self.cfg.sft_weight)
@@ -403,6 +455,7 @@ class Trainer:
     # checkpoints and export
     # =========================================================================================
     def save_checkpoint(self) -> Path:
+        self.where = f"checkpoint save after step {self.step}"
         client_state = {
             "step": self.step,
             "world_size": self.world_size,
@@ -440,6 +493,7 @@ class Trainer:
 
     def export(self, out_dir: Path) -> None:
         """``out_dir``: safetensors + tokenizer loadable by plain transformers (all ranks call)."""
+        self.where = f"export to {out_dir}"
         state_dict = ds.consolidated_state_dict(self.engine)
         if self.rank == 0:
             export_pretrained(self.policy.model, state_dict, self.tokenizer, out_dir, self.cfg)

@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus 2 tests/dist_worker.py [--dump grads.pt] [--dump_logits logits.pt] [--key value ...]
 
---dump: {"grads": {name: tensor}, "pair_ids": [...]} gathered between the first step's backward and
+--dump: {"grads": {name: tensor}, "params": {name: tensor} (LoRA runs: the adapters' initial values),
+"pair_ids": [...]} gathered between the first step's backward and
 its optimizer step (ZeRO-3: every rank joins the gather). --dump_logits: the trained engine's logits
 on fixed input ids after training (every rank runs the forward; rank 0 writes).
 """
@@ -50,6 +51,27 @@ def inject_nan(trainer) -> None:
     trainer.policy.causal_lm.get_decoder().layers[0].register_forward_hook(hook)
 
 
+def local_chunk_counts() -> None:
+    """SIMPO_TEST_LOCAL_CHUNKS=1: each rank runs the lm_head chunks ITS OWN rows need, as before the
+    fix of issue 15 — ranks whose micro-batches hold different answer lengths then fall out of lock-step."""
+    if os.environ.get("SIMPO_TEST_LOCAL_CHUNKS") != "1":
+        return
+    import torch.distributed as dist
+
+    from simpo_ds import loss, trainer
+
+    trainer.lockstep_chunk_counts = lambda rows, size: [loss.num_chunks(r, size) for r in rows[dist.get_rank()]]
+
+
+def trainable_params(engine) -> dict:
+    """Full values of the trainable parameters (LoRA adapters: their random init is what the
+    reference needs); collective under ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().cpu().clone()
+            for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
 def main(argv):
     dump, dump_logits = pop_flag(argv, "--dump"), pop_flag(argv, "--dump_logits")
     recipe, overrides = _split_args(argv)
@@ -62,10 +84,13 @@ def main(argv):
             time.sleep(3600)  # a stuck rank: the others must time out in their next collective
         if dump and event == "before_optimizer_step" and trainer.step == trainer.start_step:
             grads = ds.full_gradients(trainer.engine)
+            params = trainable_params(trainer.engine) if trainer.cfg.use_peft else {}
             if trainer.rank == 0:
                 grads = {k.removeprefix("model."): v for k, v in grads.items()}
-                torch.save({"grads": grads, "pair_ids": [int(i) for i in pair_ids]}, dump)
+                params = {k.removeprefix("model."): v for k, v in params.items()}
+                torch.save({"grads": grads, "params": params, "pair_ids": [int(i) for i in pair_ids]}, dump)
 
+    local_chunk_counts()
     trainer = Trainer(cfg, callbacks=[on_event])
     inject_nan(trainer)
     trainer.train()

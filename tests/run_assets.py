@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["system", "user", "assistant"] + [f"w{i}" for i in range(60)]
+NUM_WORDS = 60  # w0 .. w59; a larger vocabulary (make_tokenizer(num_words)) only adds unused words
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -27,8 +27,10 @@ CHATML = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+def make_tokenizer(num_words: int = NUM_WORDS) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials, "system", "user", "assistant", then w0 .. w{num_words-1}."""
+    words = ["system", "user", "assistant"] + [f"w{i}" for i in range(num_words)]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIALS)
@@ -63,15 +65,32 @@ def make_rows(n: int, seed: int, long_every: int = 0) -> list[dict]:
     return rows
 
 
+def skewed_rows(long_words: int = 1500, short_words: int = 40, seed: int = 0) -> list[dict]:
+    """Two pairs of about equal size: a long prompt with short answers, a short prompt with long
+    answers. Balanced by tokens, each rank gets one; at a 40k vocabulary (auto chunk 1024 rows) the
+    first needs one lm_head chunk and the second three — the shape that hung ZeRO-3 (issue 15)."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt_words, answer_words in ((long_words, short_words), (short_words, long_words)):
+        prompt = [{"role": "user", "content": _words(rng, prompt_words)}]
+        rows.append({
+            "chosen": prompt + [{"role": "assistant", "content": _words(rng, answer_words)}],
+            "rejected": prompt + [{"role": "assistant", "content": _words(rng, answer_words - 3)}],
+        })
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def make_assets(out: Path, arch: str = "llama", pairs: int = 48, seed: int = 0) -> dict:
+def make_assets(out: Path, arch: str = "llama", pairs: int = 48, seed: int = 0, num_words: int = NUM_WORDS) -> dict:
+    """Model dir + train/eval jsonl; ``num_words`` sets the vocabulary (e.g. 40_000 for a real-sized
+    lm_head, whose auto reducer chunk is then 1024 rows instead of 8192)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(num_words)
     model = tiny_model(arch, seed=seed, vocab_size=len(tokenizer))
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
