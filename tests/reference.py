@@ -66,16 +66,29 @@ def assert_close(a, b, what, scale=None):
     assert err <= RTOL, f"{what}: max relative error {err:.2e} > {RTOL}"
 
 
-def assert_grads_close(ga, gb):
-    """Per parameter: max |ga - gb| / max |gb| <= RTOL. Parameters whose true gradient is zero
+def assert_grads_close(ga, gb, rtol: float = RTOL):
+    """Per parameter: max |ga - gb| / max |gb| <= rtol. Parameters whose true gradient is zero
     (e.g. q_proj when every query attends to one key) are compared against 1e-3 x the largest
     gradient entry of the model, so rounding noise on an exact zero does not count as an error."""
     assert ga.keys() == gb.keys() and ga
     floor = 1e-3 * max(g.abs().max().item() for g in gb.values())
     for name in gb:
-        scale = gb[name].abs().max().clamp_min(floor)
-        err = ((ga[name] - gb[name]).abs().max() / scale).item()
-        assert err <= RTOL, f"grad {name}: relative error {err:.2e} > {RTOL}"
+        scale = gb[name].abs().max().clamp_min(floor).double()
+        err = ((ga[name].double() - gb[name].double()).abs().max() / scale).item()
+        assert err <= rtol, f"grad {name}: relative error {err:.2e} > {rtol}"
+
+
+def lora_model(model, params: dict, r: int, alpha: int, targets: list[str]):
+    """``model`` wrapped in peft LoRA (no dropout) with the adapter values ``params`` (a run's dump:
+    the adapters' random init), so the reference starts from the same weights as the run."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    missing = set(params) - {n for n, _ in model.named_parameters()}
+    assert params and not missing, missing
+    model.load_state_dict({k: v.to(next(model.parameters()).dtype) for k, v in params.items()}, strict=False)
+    return model
 
 
 

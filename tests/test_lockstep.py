@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from reference import assert_grads_close, assert_metrics_close, reference_step
+from reference import assert_grads_close, assert_metrics_close, lora_model, reference_step
 from run_assets import make_assets, make_rows, make_tokenizer, skewed_rows, write_jsonl
 from test_distributed import launch, read_metrics
 
@@ -182,13 +182,7 @@ def reference(assets, data, pair_ids, lora_params=None):
 
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32, attn_implementation="sdpa")
     if lora_params is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM"))
-        missing = set(lora_params) - {n for n, _ in model.named_parameters()}
-        assert not missing, missing
-        model.load_state_dict(lora_params, strict=False)
+        model = lora_model(model, lora_params, 4, 8, ["q_proj", "v_proj"])
     loss, _, metrics = reference_step(model, data.pairs(pair_ids))
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
