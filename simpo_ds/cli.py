@@ -19,19 +19,28 @@ EXIT_COLLECTIVE = 6  # a collective timed out or a peer died: the message names 
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Pull ``--config FILE`` out of argv; the rest are ``--key value`` overrides.
+    """Pull the recipe out of argv — ``--config FILE``, or the reference's positional form
+    ``RECIPE.yaml`` as the first argument (``run_simpo.py recipe.yaml --key=value``); the rest are
+    ``--key value`` / ``--key=value`` overrides.
 
     ``--local_rank`` (added by the deepspeed launcher) is ignored: LOCAL_RANK is in the env.
     """
+    launcher = ("--local_rank", "--local-rank")  # the deepspeed launcher puts --local_rank=N first
+    argv = [a for i, a in enumerate(argv) if not a.startswith(launcher)
+            and not (i > 0 and argv[i - 1] in launcher)]
     recipe, rest, i = None, [], 0
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        recipe, i = argv[0], 1
     while i < len(argv):
         arg = argv[i]
         if arg in ("--config", "-c") and i + 1 < len(argv):
+            if recipe is not None:
+                raise ConfigError(f"two recipes given ({recipe} and {argv[i + 1]}): pass one")
             recipe, i = argv[i + 1], i + 2
         elif arg.startswith("--config="):
+            if recipe is not None:
+                raise ConfigError(f"two recipes given ({recipe} and {arg.split('=', 1)[1]}): pass one")
             recipe, i = arg.split("=", 1)[1], i + 1
-        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
-            i += 1 if "=" in arg else 2
         else:
             rest.append(arg)
             i += 1
@@ -46,9 +55,10 @@ def train_main(argv: list[str]) -> int:
     try:
         recipe, overrides = _split_args(argv)
         cfg = load_config(recipe, overrides)
-        if not cfg.model_name_or_path or not cfg.train_data:
-            missing = "model_name_or_path" if not cfg.model_name_or_path else "train_data"
-            raise ConfigError(f"config key '{missing}' is required")
+        if not cfg.model_name_or_path:
+            raise ConfigError("config key 'model_name_or_path' is required")
+        if not cfg.train_data and not cfg.dataset_mixer:
+            raise ConfigError("config key 'train_data' (or 'dataset_mixer') is required")
         from simpo_ds.trainer import Trainer
 
         trainer = Trainer(cfg)
@@ -69,7 +79,7 @@ def train_main(argv: list[str]) -> int:
 
 
 USAGE = """usage:
-  simpo-ds train [--config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]
+  simpo-ds train [recipe.yaml | --config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]
   simpo-ds plot OUTPUT_DIR [--config recipe.yaml] [--title TEXT]
   simpo-ds stats DATASET --tokenizer DIR [--max_length N] [--max_prompt_length N] ..."""
 

@@ -30,9 +30,12 @@ class SimPOConfig:
     model_name_or_path: str = ""  # local dir or hub id of the policy (a causal LM)
     tokenizer_name_or_path: Optional[str] = None  # defaults to model_name_or_path
     gguf_file: Optional[str] = None  # load weights from this gguf file inside model_name_or_path
-    torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    model_revision: str = "main"  # hub revision (branch, tag or commit) of the model and tokenizer
+    torch_dtype: Optional[str] = "auto"  # auto or null (bf16 on GPU, fp32 on CPU; bf16/fp16 keys override) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto | flash_attention_2 | varlen | sdpa_varlen | sdpa | eager
+    use_flash_attention_2: bool = False  # alignment-handbook alias of attn_implementation: flash_attention_2
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (use_reentrant=False)
+    gradient_checkpointing_kwargs: Optional[dict] = None  # only {use_reentrant: false} (what simpo-ds always uses)
     trust_remote_code: bool = False  # passed to from_pretrained
     use_peft: bool = False  # train LoRA adapters instead of all weights
     lora_r: int = 16  # LoRA rank
@@ -44,6 +47,11 @@ class SimPOConfig:
     # ---- data --------------------------------------------------------------------------------
     train_data: str = ""  # .jsonl/.json/.parquet file or dir, or hub "name[:split]"
     eval_data: Optional[str] = None  # same forms; None = no evaluation
+    dataset_mixer: Optional[dict] = None  # {dataset: fraction} instead of train_data/eval_data (docs/recipes.md)
+    dataset_splits: list = field(default_factory=lambda: ["train", "test"])  # mixer splits: "train" in name trains, "test" evaluates
+    dataset_configs: Optional[list] = None  # dataset config name per mixer entry (hub datasets)
+    drop_ties: bool = False  # drop pairs whose chosen and rejected scores are equal (score columns)
+    chat_template: Optional[str] = None  # jinja chat template that replaces the tokenizer's
     chat_template_mode: str = "reference"  # reference (answers rendered alone) | generation_prompt
     auto_insert_empty_system_msg: bool = True  # reference run_simpo.py behaviour
     max_length: int = 2048  # prompt + answer tokens per sequence (reference recipes)
@@ -51,7 +59,8 @@ class SimPOConfig:
     truncation_mode: str = "keep_end"  # keep_end | keep_start (which prompt tokens survive)
     label_pad_token_id: int = -100  # label of positions that carry no loss
     strict: bool = False  # make dropped rows (empty answer after truncation, ...) an error
-    dataset_num_proc: Optional[int] = None  # processes for tokenization (datasets.map)
+    dataset_num_proc: Optional[int] = None  # processes for tokenization (datasets.map); alias preprocessing_num_workers
+    truncation_side: Optional[str] = None  # accepted, no effect: prompts are truncated by truncation_mode
 
     # ---- packing -----------------------------------------------------------------------------
     packing: bool = True  # pack pairs into varlen rows; false = padded reference batches
@@ -86,18 +95,28 @@ class SimPOConfig:
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------
     eval_steps: Optional[int] = None  # evaluate every N steps (and at the end); None = end only
+    do_eval: Optional[bool] = None  # false: no evaluation even with eval data
+    eval_strategy: Optional[str] = None  # no | steps | epoch (alias evaluation_strategy); None = eval_steps decides
+    per_device_eval_batch_size: Optional[int] = None  # accepted, no effect: evaluation packs by max_tokens_per_microbatch
     eval_on_start: bool = False  # evaluate before the first step (logged at step 0)
     logging_steps: int = 1  # train metrics averaged over this many steps
     report_to: list = field(default_factory=list)  # [] | ["wandb"]
     run_name: Optional[str] = None  # wandb run name
     save_steps: int = 0  # DeepSpeed checkpoint every N steps (0 = only on preemption)
+    save_strategy: Optional[str] = None  # no | steps | epoch; None = save_steps decides
     save_total_limit: int = 2  # keep the last N checkpoints
     resume_from_checkpoint: Optional[str] = None  # latest | PATH
     save_final: bool = True  # export output_dir/final/ (safetensors + tokenizer)
+    push_to_hub: bool = False  # upload output_dir/final/ to hub_model_id at the end (checked before training)
+    hub_model_id: Optional[str] = None  # hub repository of push_to_hub
+    log_level: str = "info"  # rank-0 log level: debug | info | warning | error | critical | passive (= info)
 
     # ---- DeepSpeed / systems -----------------------------------------------------------------
     deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero3.json); CLI alias --ds
     bf16: Optional[bool] = None  # TrainingArguments style alias of torch_dtype=bfloat16
+    fp16: Optional[bool] = None  # TrainingArguments style alias of torch_dtype=float16
+    tf32: Optional[bool] = None  # allow TF32 matmuls on CUDA
+    optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused (both: torch AdamW, fused kernel on CPU/CUDA)
     collective_timeout_s: int = 300  # a training/eval collective that waits longer is an error naming rank and step
     debug_lockstep: bool = False  # check every rank makes the same module calls (slow; or SIMPO_DS_DEBUG_LOCKSTEP=1)
     max_nonfinite_steps: int = 5  # abort after this many consecutive non-finite (skipped) steps
@@ -117,6 +136,17 @@ class SimPOConfig:
             self.simpo_gamma = None
         if self.gamma_beta_ratio is None:
             self.gamma_beta_ratio = 0.25
+        if self.torch_dtype is None:  # alignment-handbook recipes write torch_dtype: null
+            self.torch_dtype = "auto"
+        if self.bf16 and self.fp16:
+            raise ConfigError("config keys 'bf16' and 'fp16' are both true: use one")
+        if self.torch_dtype == "auto" and (self.bf16 or self.fp16):
+            self.torch_dtype = "bfloat16" if self.bf16 else "float16"
+        if self.use_flash_attention_2:
+            if self.attn_implementation not in ("auto", "flash_attention_2"):
+                raise ConfigError(f"config keys 'use_flash_attention_2' and 'attn_implementation: "
+                                  f"{self.attn_implementation}' disagree: use one")
+            self.attn_implementation = "flash_attention_2"
         if isinstance(self.report_to, str):  # TrainingArguments accepts report_to="wandb"
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         self.report_to = [r for r in self.report_to if r != "none"]
@@ -131,6 +161,8 @@ class SimPOConfig:
 
         choices = {
             "loss_type": ("sigmoid", "hinge"),
+            "optim": ("adamw_torch", "adamw_torch_fused"),
+            "log_level": ("debug", "info", "warning", "error", "critical", "passive"),
             "truncation_mode": ("keep_end", "keep_start"),
             "chat_template_mode": ("reference", "generation_prompt"),
             "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -179,6 +211,23 @@ class SimPOConfig:
             bad("prompt_sharing", "needs packing: true (it is a packed layout; the padded path is the reference)")
         if self.use_peft and self.lora_r <= 0:
             bad("lora_r", "must be > 0")
+        for key in ("eval_strategy", "save_strategy"):
+            if getattr(self, key) not in (None, "no", "steps", "epoch"):
+                bad(key, "must be one of no, steps, epoch")
+        if (self.gradient_checkpointing_kwargs or {}).keys() - {"use_reentrant"}:
+            bad("gradient_checkpointing_kwargs", "only use_reentrant is supported")
+        if self.dataset_mixer is not None:
+            if self.train_data or self.eval_data:
+                bad("dataset_mixer", "set either dataset_mixer or train_data/eval_data, not both")
+            if not isinstance(self.dataset_mixer, dict) or not self.dataset_mixer:
+                bad("dataset_mixer", "must be a non-empty mapping of dataset: fraction")
+            for name, frac in self.dataset_mixer.items():
+                if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+                    raise ConfigError(f"config key 'dataset_mixer': fraction of {name!r} must be in (0, 1], got {frac!r}")
+            if self.dataset_configs is not None and len(self.dataset_configs) != len(self.dataset_mixer):
+                bad("dataset_configs", f"needs one entry per dataset_mixer entry ({len(self.dataset_mixer)})")
+        if self.push_to_hub and not self.hub_model_id:
+            bad("hub_model_id", "push_to_hub: true needs the hub repository in hub_model_id")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -198,7 +247,22 @@ class SimPOConfig:
         return dataclasses.asdict(self)
 
 
-_KEY_ALIASES = {"ds": "deepspeed", "ds_config": "deepspeed"}
+_KEY_ALIASES = {"ds": "deepspeed", "ds_config": "deepspeed", "evaluation_strategy": "eval_strategy",
+                "preprocessing_num_workers": "dataset_num_proc"}
+
+# Keys accepted for recipe compatibility that change nothing here (logged once by the trainer when set).
+NO_EFFECT = {
+    "per_device_eval_batch_size": "evaluation packs pairs by max_tokens_per_microbatch",
+    "truncation_side": "prompts are truncated by truncation_mode (keep_end keeps the prompt's end)",
+}
+
+
+def no_effect_keys(cfg: "SimPOConfig") -> dict[str, str]:
+    """{key: why} for the set keys that have no effect in simpo-ds (including use_reentrant: true)."""
+    out = {k: why for k, why in NO_EFFECT.items() if getattr(cfg, k) is not None}
+    if (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        out["gradient_checkpointing_kwargs"] = "simpo-ds always checkpoints with use_reentrant=False"
+    return out
 
 
 def _field_types() -> dict[str, Any]:
@@ -244,6 +308,11 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
             return list(value)
         if typ is str:
             return str(value)
+        if typ is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping (YAML, or JSON on the command line)")
+            return dict(value)
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise ConfigError(f"config key '{key}' in {source}: cannot read {value!r} ({err})") from None
     return value
@@ -258,8 +327,6 @@ def build_config(values: dict, source: str = "arguments") -> SimPOConfig:
         if key not in types_:
             raise _unknown_key(key, source)
         clean[key] = _coerce(key, value, types_[key], source)
-    if clean.get("bf16"):
-        clean.setdefault("torch_dtype", "bfloat16")
     try:
         return SimPOConfig(**clean)
     except TypeError as err:  # a dataclass argument problem: name it

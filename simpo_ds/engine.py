@@ -165,16 +165,66 @@ def all_gather_object(obj) -> list:
 # ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------
+def from_accelerate() -> bool:
+    """Started by ``accelerate launch`` with a DeepSpeed config (it exports ACCELERATE_* settings)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def accelerate_ds_config() -> tuple[dict | None, str]:
+    """The DeepSpeed settings ``accelerate launch`` passes -> (config dict, or None when it names a
+    ``deepspeed_config_file``; a description for messages). Read: zero stage, optimizer / parameter
+    offload device, zero3_save_16bit_model (the other accelerate DeepSpeed fields have no counterpart
+    here: the trainer owns accumulation and clipping)."""
+    env = os.environ
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        return None, env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    zero: dict = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"))}
+    for kind in ("optimizer", "param"):
+        device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
+        if device not in ("none", ""):
+            zero[f"offload_{kind}"] = {"device": device, "pin_memory": True}
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = (
+            env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true").lower() == "true")
+        zero.update({k: "auto" for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                          "stage3_param_persistence_threshold")})
+    return {"zero_optimization": zero}, "the accelerate launch config (ACCELERATE_DEEPSPEED_* settings)"
+
+
+def ds_config_source(path: str | None) -> str:
+    """Where :func:`fill_ds_config` takes the DeepSpeed settings from, for the log."""
+    if path:
+        return path
+    if from_accelerate():
+        return accelerate_ds_config()[1]
+    return "the built-in default (ZeRO-3)"
+
+
+def launcher_dtype(torch_dtype: str) -> str:
+    """``torch_dtype`` unless it is ``auto`` and ``accelerate launch`` set a mixed precision (bf16/fp16)."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if from_accelerate() else "no"
+    if torch_dtype != "auto" or precision not in ("bf16", "fp16"):
+        return torch_dtype
+    return {"bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
 def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, hidden_size: int) -> dict:
     """Read a ds_configs/*.json and fill every ``"auto"`` from the run config — the ONE place.
 
-    Batch fields: one micro-batch per DeepSpeed step (the trainer accumulates variable-size packed
-    micro-batches itself), so train_batch_size = world_size. Precision follows ``dtype``.
+    Without ``path``: under ``accelerate launch``, the DeepSpeed settings it passes (its
+    ``deepspeed_config_file``, or zero stage / offload devices, :func:`accelerate_ds_config`); else
+    ZeRO-3. Batch fields: one micro-batch per DeepSpeed step (the trainer accumulates variable-size
+    packed micro-batches itself), so train_batch_size = world_size. Precision follows ``dtype``.
     """
+    ds = None
+    if path is None and from_accelerate():
+        ds, path = accelerate_ds_config()
     try:
-        ds = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 3}}
+        ds = ds if ds is not None else json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": 3}}
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"DeepSpeed config {path}: cannot read ({err})") from None
     if zero_stage(ds) not in (1, 2, 3):
         raise ConfigError(
             f"{path}: zero_optimization.stage must be 1, 2 or 3, got {zero_stage(ds)} (a missing "
@@ -229,8 +279,12 @@ def zero_stage(ds_config: dict) -> int:
 
 
 def zero3_init_context(ds_config: dict):
-    """Keep the returned object alive while loading: transformers then loads under zero.Init."""
+    """Keep the returned object alive while loading: transformers then loads under zero.Init
+    (not when ``accelerate launch`` says ``zero3_init_flag: false``: then each rank loads the full
+    model and DeepSpeed partitions it at initialize)."""
     if zero_stage(ds_config) != 3:
+        return None
+    if from_accelerate() and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true").lower() == "false":
         return None
     from transformers.integrations import HfDeepSpeedConfig
 

@@ -171,7 +171,8 @@ def load_model(cfg, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                  revision=cfg.model_revision)
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)

@@ -18,6 +18,7 @@ import math
 import random
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,6 +28,10 @@ import torch
 from simpo_ds import engine as ds
 from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
 from simpo_ds.config import ConfigError, SimPOConfig
+from simpo_ds import hub
+from simpo_ds.config import no_effect_keys
+from simpo_ds.data import mixer
+from simpo_ds.data.formats import to_canonical
 from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
 from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
@@ -128,15 +133,25 @@ class Trainer:
             return
         cfg = self.cfg
         self.rank, self.world_size, self.device = ds.init_distributed(cfg.collective_timeout_s)
-        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
+        level = logging.INFO if cfg.log_level == "passive" else getattr(logging, cfg.log_level.upper())
+        logging.basicConfig(level=level if self.rank == 0 else logging.WARNING, format="%(message)s")
+        for key, why in no_effect_keys(cfg).items():
+            logger.info("config key '%s' is accepted for recipe compatibility and has no effect: %s", key, why)
+        if cfg.push_to_hub:
+            hub.check_push(cfg)  # before any data or model work: a missing token is found now, not after training
+        if cfg.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _seed_everything(cfg.seed)
         self.device_type = ds.device_type()
         cfg.train_batch_size = cfg.resolve_batch_size(self.world_size)
         self.reporter = Reporter(cfg.output_dir, self.rank, cfg.report_to, cfg.run_name, cfg.to_dict())
         self.tokenizer = self.tokenizer or _load_tokenizer(cfg)
-        self.train_data = self._prepare_split(self._train_arg if self._train_arg is not None else cfg.train_data, "train")
-        eval_source = self._eval_arg if self._eval_arg is not None else cfg.eval_data
+        if cfg.chat_template:
+            self.tokenizer.chat_template = cfg.chat_template
+        train_source, eval_source = self._sources()
+        self.train_data = self._prepare_split(train_source, "train")
         self.eval_data = self._prepare_split(eval_source, "eval") if eval_source is not None else None
+        ds.barrier()  # every rank has its data (a node without the datasets cache tokenizes for minutes)
         self.steps_per_epoch = math.ceil(len(self.train_data) / cfg.train_batch_size)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
         self._setup_model()
@@ -150,10 +165,23 @@ class Trainer:
             self.dtype, cfg.max_length, cfg.max_prompt_length, cfg.packing,
         )
 
+    def _sources(self) -> tuple:
+        """(train, eval) sources: Python API datasets, else ``dataset_mixer`` (loaded lazily, so rank 0
+        goes first), else the ``train_data`` / ``eval_data`` specs. Eval is None when there is none or
+        ``do_eval: false``."""
+        cfg = self.cfg
+        if cfg.dataset_mixer:
+            train = partial(mixer.load_split_kind, cfg, "train")
+            evaluation = partial(mixer.load_split_kind, cfg, "test") if any("test" in s for s in cfg.dataset_splits) else None
+        else:
+            train = self._train_arg if self._train_arg is not None else cfg.train_data
+            evaluation = self._eval_arg if self._eval_arg is not None else cfg.eval_data
+        return train, (None if cfg.do_eval is False else evaluation)
+
     def _prepare_split(self, source, split: str) -> PairData:
         """Load, validate, tokenize. Rank 0 goes first (other ranks then hit the datasets cache)
         and broadcasts its verdict, so bad data stops every rank with rank 0's message."""
-        name = source if isinstance(source, str) else f"{split} dataset"
+        name = source if isinstance(source, str) else "dataset_mixer" if callable(source) else f"{split} dataset"
         error = None
         if self.rank == 0:
             try:
@@ -171,16 +199,20 @@ class Trainer:
         return PairData(tokenized)
 
     def _tokenize_split(self, source, name: str):
-        raw = load_pairs(source) if isinstance(source, str) else source
+        raw = source() if callable(source) else load_pairs(source) if isinstance(source, str) else source
+        if raw is None:
+            raise DataError(f"{name}: no {'train' if name == 'dataset_mixer' else ''} split in dataset_splits")
+        raw, formats = to_canonical(raw, name, self.cfg.drop_ties)
         report = validate_columns(raw, name)
+        report["warnings"].update({"score ties": formats["ties"]} if formats["ties"] else {})
         tokenized, stats = tokenize_dataset(raw, self.tokenizer, self.cfg, num_proc=self.cfg.dataset_num_proc)
         if len(tokenized) == 0:
             raise DataError(f"{name}: no trainable pairs left after tokenization ({stats})")
-        return tokenized, stats, report
+        return tokenized, {**stats, "format": formats["format"], "ties_dropped": formats["ties"] if formats["ties_dropped"] else 0}, report
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.dtype = resolve_dtype(cfg.torch_dtype, self.device_type)
+        self.dtype = resolve_dtype(ds.launcher_dtype(cfg.torch_dtype), self.device_type)
         if cfg.prompt_sharing:
             self.attn_impl = choose_shared_attn_implementation(cfg.attn_implementation, self.device_type)
         else:
@@ -188,6 +220,7 @@ class Trainer:
         register_attention()
         model_config = _model_config(cfg, self._model_arg)
         self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
+        logger.info("DeepSpeed: ZeRO-%d from %s", ds.zero_stage(self.ds_config), ds.ds_config_source(cfg.deepspeed))
         self._zero3_context = ds.zero3_init_context(self.ds_config)  # must outlive loading
         if self._model_arg is None or isinstance(self._model_arg, str):
             if isinstance(self._model_arg, str):
@@ -251,7 +284,8 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 self.reporter.log("train", self.step, self.epoch, window.flush())
-            if self.has_eval and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+            eval_every = cfg.eval_steps or (cfg.logging_steps if cfg.eval_strategy == "steps" else None)
+            if self.has_eval and self._due(cfg.eval_strategy, eval_every) and self.step < self.total_steps:
                 self.evaluate()
             if self.stop_agreed:  # preemption: finish this step, checkpoint, leave (same on all ranks)
                 if window.rows:  # steps since the last train record
@@ -263,13 +297,15 @@ class Trainer:
                 self.reporter.close()
                 self.preempted = True
                 return {**(window.last or {}), "train_loss": float(np.mean(train_losses)), "preempted": True}
-            if cfg.save_steps and self.step % cfg.save_steps == 0:
+            if self._due(cfg.save_strategy, cfg.save_steps):
                 self.save_checkpoint()
         progress.close()
         if self.has_eval:
             self.evaluate()
         if cfg.save_final:
             self.export(Path(cfg.output_dir) / FINAL)
+            if cfg.push_to_hub and self.rank == 0:
+                logger.info("pushed %s to %s", FINAL, hub.push(Path(cfg.output_dir) / FINAL, cfg.hub_model_id))
         last = window.last or {}
         return {**last, "train_loss": float(np.mean(train_losses)) if train_losses else float("nan")}
 
@@ -282,6 +318,15 @@ class Trainer:
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
+
+    def _due(self, strategy: Optional[str], every: Optional[int]) -> bool:
+        """Is a periodic eval/save due after this step? ``strategy`` "no": never; "epoch": at each
+        epoch's end; "steps" or None (native keys): every ``every`` steps (0/None: never)."""
+        if strategy == "no":
+            return False
+        if strategy == "epoch":
+            return self.step % self.steps_per_epoch == 0
+        return bool(every) and self.step % every == 0
 
     @property
     def has_eval(self) -> bool:
@@ -555,7 +600,8 @@ def _load_tokenizer(cfg: SimPOConfig):
 
     name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
+                                              **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -568,7 +614,7 @@ def _model_config(cfg: SimPOConfig, model_arg):
 
     name = model_arg if isinstance(model_arg, str) else cfg.model_name_or_path
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    return AutoConfig.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
 
 
 def _progress(rank: int, total: int, initial: int):

@@ -317,7 +317,9 @@ def test_peak_rss_is_chunk_sized_not_t_by_v():
     runs one thread (OpenMP barriers crawl on an oversubscribed machine)."""
     peaks = measure_peaks(RSS_VOCAB, RSS_ROWS, RSS_HIDDEN, RSS_CHUNK)
     full_bytes = RSS_ROWS * RSS_VOCAB * 4
-    assert peaks["full"] >= 2 * full_bytes  # the measurement sees a T x V tensor
+    # the measurement sees the full path's T x V tensors (logits + log_softmax = 2 x full_bytes); the
+    # margin keeps page accounting out of it (a clean clone once read 20 pages short of exactly 2x)
+    assert peaks["full"] >= 1.5 * full_bytes, f"full-logits peak {peaks['full'] / full_bytes:.2f} x T x V x 4"
     assert peaks["chunked"] < 0.25 * full_bytes, f"chunked peak {peaks['chunked'] / 2**20:.0f} MiB"
     assert peaks["chunked"] < 10 * RSS_CHUNK * RSS_VOCAB * 4  # O(chunk x V), not O(T x V)
 

@@ -92,3 +92,7 @@ def test_stuck_rank_becomes_an_error_not_a_hang(assets, tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - start < 200
     assert "timed out" in result.stdout.lower() or "timeout" in result.stdout.lower(), result.stdout[-3000:]
+    # the message says which rank and what it was doing (rank 1 sleeps before the optimizer step)
+    assert "CollectiveError: rank 0 at train step 1, optimizer step: a collective failed" in result.stdout, \
+        result.stdout[-3000:]
+    assert "collective_timeout_s=20s" in result.stdout
