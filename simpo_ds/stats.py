@@ -246,11 +246,12 @@ def build_report(dataset: str, tokenizer_path: str, cfg, batch_size: int, world_
     import datasets
     from transformers import AutoTokenizer
 
+    from simpo_ds.data.formats import to_canonical
     from simpo_ds.data.load import load_pairs
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    raw = load_pairs(dataset)
+    raw, formats = to_canonical(load_pairs(dataset), dataset, cfg.drop_ties)
     unlimited = SimpleNamespace(**{**vars(_tokenize_fields(cfg)), "max_length": UNLIMITED,
                                    "max_prompt_length": UNLIMITED - 1})
     full, _ = tokenize_lengths(raw, tokenizer, unlimited)
@@ -262,6 +263,8 @@ def build_report(dataset: str, tokenizer_path: str, cfg, batch_size: int, world_
     out = [f"# Length statistics: `{dataset}`", ""]
     out += [f"tokenizer `{tokenizer_path}`, chat_template_mode `{cfg.chat_template_mode}`, "
             f"auto_insert_empty_system_msg `{cfg.auto_insert_empty_system_msg}`, {len(raw)} rows", ""]
+    out += [f"format: **{formats['format']}**" + (f"; scores {formats['scores']}: {formats['ties']} tie(s)"
+            + (" dropped (drop_ties)" if formats["ties_dropped"] else "") if formats["scores"] else ""), ""]
     out += ["## Token lengths (untruncated)", ""]
     out += [percentile_table({"prompt": full.prompt, "chosen answer": full.chosen, "rejected answer": full.rejected,
                               "chosen sequence": full.chosen_seq, "rejected sequence": full.rejected_seq,

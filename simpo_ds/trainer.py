@@ -29,6 +29,7 @@ from simpo_ds import engine as ds
 from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
 from simpo_ds.config import ConfigError, SimPOConfig
 from simpo_ds import hub
+from simpo_ds.callbacks import split_callbacks
 from simpo_ds.config import no_effect_keys
 from simpo_ds.data import mixer
 from simpo_ds.data.formats import to_canonical
@@ -114,7 +115,10 @@ class Trainer:
         self.cfg = cfg
         self._model_arg, self.tokenizer = model, tokenizer
         self._train_arg, self._eval_arg = train_dataset, eval_dataset
-        self.callbacks = list(callbacks)  # fn(trainer, event: str, **info); events below
+        # fn(trainer, event, **info) -> None or {"should_training_stop", "should_save"}; TrainerCallback
+        # objects are bridged (simpo_ds.callbacks). Events: train_begin, before_optimizer_step, step_end,
+        # log, evaluate, save, train_end.
+        self.callbacks = split_callbacks(callbacks)
         self.engine = None
         self.step = 0
         self.nonfinite_streak = 0  # consecutive steps with a non-finite loss or gradient norm
@@ -275,6 +279,7 @@ class Trainer:
         train_losses = []
         progress = _progress(self.rank, self.total_steps, self.step)
         self._install_signal_handlers()
+        self._emit("train_begin")
         while self.step < self.total_steps:
             metrics = self.train_step(self._step_pairs(self.step))
             self.step += 1
@@ -283,13 +288,15 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                self.reporter.log("train", self.step, self.epoch, window.flush())
+                self._log("train", window.flush())
+            stop_asked, save_asked = self._agree(self._emit("step_end", metrics=metrics))  # callbacks' control
             eval_every = cfg.eval_steps or (cfg.logging_steps if cfg.eval_strategy == "steps" else None)
-            if self.has_eval and self._due(cfg.eval_strategy, eval_every) and self.step < self.total_steps:
+            final_step = self.step == self.total_steps or stop_asked  # the final evaluation follows the loop
+            if self.has_eval and self._due(cfg.eval_strategy, eval_every) and not final_step:
                 self.evaluate()
             if self.stop_agreed:  # preemption: finish this step, checkpoint, leave (same on all ranks)
                 if window.rows:  # steps since the last train record
-                    self.reporter.log("train", self.step, self.epoch, window.flush())
+                    self._log("train", window.flush())
                 self.save_checkpoint()
                 logger.warning("stopped by signal %s after step %d; resume with --resume_from_checkpoint latest",
                                self.stop_signal or "(on another rank)", self.step)
@@ -297,8 +304,13 @@ class Trainer:
                 self.reporter.close()
                 self.preempted = True
                 return {**(window.last or {}), "train_loss": float(np.mean(train_losses)), "preempted": True}
-            if self._due(cfg.save_strategy, cfg.save_steps):
+            if self._due(cfg.save_strategy, cfg.save_steps) or save_asked or stop_asked:
                 self.save_checkpoint()
+            if stop_asked:  # a callback's control.should_training_stop: the normal end, from here
+                if window.rows:
+                    self._log("train", window.flush())
+                logger.info("stopped by a callback after step %d", self.step)
+                break
         progress.close()
         if self.has_eval:
             self.evaluate()
@@ -306,8 +318,24 @@ class Trainer:
             self.export(Path(cfg.output_dir) / FINAL)
             if cfg.push_to_hub and self.rank == 0:
                 logger.info("pushed %s to %s", FINAL, hub.push(Path(cfg.output_dir) / FINAL, cfg.hub_model_id))
+        self._emit("train_end")
         last = window.last or {}
         return {**last, "train_loss": float(np.mean(train_losses)) if train_losses else float("nan")}
+
+    def _log(self, split: str, record: dict) -> None:
+        """One metrics.jsonl / wandb record at the current step, and the callbacks' ``log`` event."""
+        self.reporter.log(split, self.step, self.epoch, record)
+        self._emit("log", logs={f"eval_{k}" if split == "eval" else k: v for k, v in record.items()})
+
+    def _agree(self, flags: dict) -> tuple[bool, bool]:
+        """(stop, save) asked by a callback on ANY rank, known to every rank (one all-reduce per step,
+        only when there are callbacks: the list is the same on every rank)."""
+        if not self.callbacks:
+            return False, False
+        asked = torch.tensor([float(flags.get("should_training_stop", False)), float(flags.get("should_save", False))],
+                             dtype=torch.float64, device=self.device)
+        stop, save = ds.all_reduce_sum(asked).tolist()
+        return stop > 0, save > 0
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a clean stop: the
@@ -493,7 +521,8 @@ class Trainer:
         ds.all_reduce_sum(stats)
         self.engine.train()
         metrics = finalize_metrics(stats, self.cfg.sft_weight)
-        self.reporter.log("eval", self.step, self.epoch, {**metrics, **({"eval_name": name} if name else {})})
+        self._log("eval", {**metrics, **({"eval_name": name} if name else {})})
+        self._emit("evaluate", metrics={f"eval_{k}": v for k, v in metrics.items()})
         return metrics
 
     # =========================================================================================
@@ -512,6 +541,7 @@ class Trainer:
             marker={"train_batch_size": self.cfg.train_batch_size},
         )
         logger.info("saved checkpoint %s", path)
+        self._emit("save", path=path)
         return path
 
     def _resume(self, which: str) -> None:
@@ -545,9 +575,14 @@ class Trainer:
             logger.info("exported model to %s", out_dir)
         ds.barrier()
 
-    def _emit(self, event: str, **info) -> None:
+    def _emit(self, event: str, **info) -> dict:
+        """Call every callback ``fn(self, event, **info)``; returns the flags they asked for (any)."""
+        flags: dict = {}
         for callback in self.callbacks:
-            callback(self, event, **info)
+            asked = callback(self, event, **info)
+            for key, value in (asked or {}).items():
+                flags[key] = flags.get(key, False) or bool(value)
+        return flags
 
 
 # =============================================================================================

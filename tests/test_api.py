@@ -104,3 +104,31 @@ def test_reference_style_example_under_deepspeed(tmp_path):
     for name in REFERENCE_METRICS + ["loss"]:
         assert name in results and f"eval_{name}" in results, name
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+@pytest.mark.distributed
+def test_trainer_callback_stops_both_ranks_with_a_checkpoint(tmp_path):
+    """A TrainerCallback setting control.should_training_stop at step 2 stops a 2-rank run at step 2
+    on both ranks, with a checkpoint; on_log receives every logging event (train and eval)."""
+    from run_assets import make_assets
+
+    assets = make_assets(tmp_path / "assets", pairs=24)
+    out = tmp_path / "out"
+    events = out / "events"
+    args = ["--model_name_or_path", assets["model"], "--train_data", assets["train"], "--eval_data",
+            assets["eval"], "--output_dir", str(out), "--ds", "ds_configs/zero3.json", "--max_steps", "5",
+            "--eval_steps", "1", *COMMON]
+    launch("tests/callback_worker.py", args, ranks=2)
+    seen = [json.loads((events / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["events"] == seen[1]["events"]
+    events0 = seen[0]["events"]
+    assert events0[0] == ["train_begin", 0, 5] and events0[-1] == ["train_end", 2]
+    assert [e for e in events0 if e[0] in ("step_end", "save")] == [["step_end", 1], ["step_end", 2], ["save", 2]]
+    assert (out / "checkpoints" / "step_2").is_dir() and (out / "checkpoints" / "latest").read_text() == "step_2"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["split"] in ("train", "eval")]
+    assert [r["step"] for r in logged] == [1, 1, 2, 2]  # train 1, eval 1, train 2, final eval at 2
+    assert len(seen[0]["logs"]) == len(logged) and seen[0]["log_history"] == seen[0]["logs"]
+    for got, record in zip(seen[0]["logs"], logged):
+        prefix = "eval_" if record["split"] == "eval" else ""
+        assert got["step"] == record["step"] and got[f"{prefix}loss"] == pytest.approx(record["loss"], rel=1e-12)
