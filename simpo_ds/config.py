@@ -79,8 +79,8 @@ class SimPOConfig:
     # ---- optimisation ------------------------------------------------------------------------
     output_dir: str = "outputs/simpo"  # metrics.jsonl, checkpoints/, final/
     train_batch_size: int = 128  # GLOBAL batch in pairs per optimizer step
-    per_device_train_batch_size: Optional[int] = None  # TrainingArguments style (see README)
-    gradient_accumulation_steps: Optional[int] = None  # TrainingArguments style (see README)
+    per_device_train_batch_size: Optional[int] = None  # TrainingArguments style (see "Batch size" in docs/configuration.md)
+    gradient_accumulation_steps: Optional[int] = None  # TrainingArguments style (see "Batch size" in docs/configuration.md)
     learning_rate: float = 1e-6  # peak learning rate
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant | constant_with_warmup
     warmup_ratio: float = 0.1  # fraction of steps with linear warmup
