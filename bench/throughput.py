@@ -16,7 +16,8 @@ for the three systems; each run is a fresh process (``--worker``), and runs are 
 - pack efficiency = real ÷ processed tokens (processed counts padding);
 - attention work ÷ needed: attention-score elements the kernel computes (a packed row of T tokens:
   T², sdpa masks but does not skip; a padded row of L: L²) over the block-diagonal need Σ s_i²;
-- useful TFLOP/s = ``simpo_ds.reporting.training_flops`` (6·N·real tokens + 12·L·H·Σ s_i²) per second;
+- useful TFLOP/s = ``simpo_ds.flops.training_flops`` per second: decoder matmul weights (no embedding) × 6 per
+  real token, lm_head 6·H·V per answer-label row, attention 12·L·H_q per causal (q, k) pair;
 - peak RSS of the process; the loss of the first step (same pairs, so it must agree across systems).
 
 simpo-ds runs the real ``Trainer`` on one process, fp32, default attention, with ``--ds`` (default ZeRO-2: the
@@ -156,7 +157,8 @@ def run_simpo(s: Settings, packing: bool, out: Path, attn: str = "auto") -> dict
             "wall_s": wall, "cpu_s": cpu, "inner_s": r["step_time_s"], "loss": r["loss"],
         })
     first_rows = [int(i) for i in trainer.train_data.dataset[[int(i) for i in trainer._step_pairs(0)]]["index"]]
-    return {"steps": steps, "num_params": trainer.num_params, "first_step_rows": sorted(first_rows)}
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.policy.parameters())
+    return {"steps": steps, "num_params": n_params, "first_step_rows": sorted(first_rows)}
 
 
 def _simpo_attention_work(trainer, step: int, packing: bool) -> tuple[float, float]:
@@ -185,7 +187,7 @@ def run_trl(s: Settings, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    from simpo_ds.reporting import training_flops
+    from simpo_ds.flops import flop_shape, training_flops
 
     rows = [json.loads(line) for line in s.data_path.read_text().splitlines()]
     order = step_order(len(rows), s.seed)[: s.steps * s.batch]
@@ -200,9 +202,11 @@ def run_trl(s: Settings, out: Path) -> dict:
             masks = (batch["chosen_attention_mask"], batch["rejected_attention_mask"])
             width = max(m.shape[1] for m in masks)  # concatenated_inputs pads both halves to this
             lengths = torch.cat([m.sum(-1) for m in masks]).double()
+            labels = sum(int((batch[k] != -100).sum()) for k in ("chosen_labels", "rejected_labels"))
             micro_records.append({
                 "real": float(lengths.sum()), "processed": float(lengths.numel() * width),
                 "attn_computed": float(lengths.numel() * width**2), "attn_needed": float((lengths**2).sum()),
+                "causal_pairs": float(((lengths**2).sum() + lengths.sum()) / 2), "head_rows": float(labels),
                 "loss": float(loss.detach()),
             })
             return loss, metrics
@@ -228,15 +232,16 @@ def run_trl(s: Settings, out: Path) -> dict:
     trainer = Recording(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         callbacks=[Clock()])
     trainer.train()
-    cfg = model.config
+    shape = flop_shape(model)
     n_params = sum(p.numel() for p in model.parameters())
     accumulation = s.batch // s.trl_micro
     steps = []
     for k in range(s.steps):
         micro = micro_records[k * accumulation : (k + 1) * accumulation]
-        total = {key: sum(m[key] for m in micro) for key in ("real", "processed", "attn_computed", "attn_needed")}
-        total["flops"] = training_flops(n_params, int(total["real"]), int(total["attn_needed"]),
-                                        cfg.num_hidden_layers, cfg.hidden_size)
+        total = {key: sum(m[key] for m in micro)
+                 for key in ("real", "processed", "attn_computed", "attn_needed", "causal_pairs", "head_rows")}
+        # useful FLOPs of these pairs, counted as simpo-ds counts its own (simpo_ds.flops)
+        total["flops"] = training_flops(shape, total["real"], total["head_rows"], total["causal_pairs"])
         total["wall_s"], total["cpu_s"] = clock.intervals()[k]
         total["loss"] = sum(m["loss"] for m in micro) / len(micro)  # equal-size micro-batches: the pair mean
         steps.append(total)
@@ -477,7 +482,8 @@ def report(s: Settings, runs: list[dict], extra: dict, env: dict, env_end: str, 
         "row), padded simpo-ds and TRL use sdpa with a padding mask; attention work ÷ needed: attention-score "
         "elements computed (`sdpa_varlen`: Σ s_i²; a packed row of T tokens through sdpa with a block-causal "
         "mask: T², nothing skipped; a padded row of width L: L²) over the block-diagonal need Σ s_i²; "
-        "useful TFLOP/s counts real tokens only (`training_flops`: 6·N·tokens + 12·L·H·Σ s_i²); MFU = that ÷ "
+        "useful TFLOP/s counts what the pairs need (`simpo_ds.flops.training_flops`: 6·N_body per real token, no "
+        "embedding; 6·H·V per answer-label row; 12·L·H_q per causal (q, k) pair); MFU = that ÷ "
         f"the measured fp32 sgemm rate of this CPU with the same threads ({extra['peak_tflops']:.3f} TFLOP/s, "
         "1024³ matmul, best of 20, at start and end)",
         "",

@@ -32,15 +32,6 @@ def detect_peak_tflops(device_type: str) -> float | None:
     return None
 
 
-def training_flops(num_params: int, tokens: int, seq_sq_sum: int, num_layers: int, hidden: int) -> float:
-    """FLOPs of forward+backward: 6 N tokens + 12 L H sum_i s_i^2 (varlen attention, per sequence).
-
-    The attention term counts each packed sequence's own s_i^2 (block-diagonal), not the row length
-    squared (PaLM appendix B convention, causal masking not discounted).
-    """
-    return 6.0 * num_params * tokens + 12.0 * num_layers * hidden * seq_sq_sum
-
-
 def peak_memory_gb(device_type: str) -> float:
     """Peak accelerator memory allocated (CUDA) or peak resident memory of the process (CPU)."""
     if device_type == "cuda":

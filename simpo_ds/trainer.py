@@ -41,7 +41,8 @@ from simpo_ds.lockstep import CallCounter, check_equal
 from simpo_ds.lockstep import enabled as lockstep_enabled
 from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, lockstep_chunk_counts, microbatch_loss
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
-from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb, training_flops
+from simpo_ds.flops import WORK_KEYS, batch_work, flop_shape, training_flops
+from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb
 from simpo_ds.shared_attention import choose_shared_attn_implementation
 
 logger = logging.getLogger("simpo_ds")
@@ -245,9 +246,7 @@ class Trainer:
         self.engine = ds.build_engine(self.policy, self.ds_config, cfg, scheduler_fn)
         if lockstep_enabled(cfg.debug_lockstep):
             self.call_counter = CallCounter(self.policy, self.device)
-        lm_cfg = self.policy.causal_lm.config
-        self.num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.policy.parameters())
-        self.flops_shape = (lm_cfg.num_hidden_layers, lm_cfg.hidden_size)
+        self.flops_shape = flop_shape(self.policy.causal_lm)
         self.peak_tflops = cfg.peak_tflops or detect_peak_tflops(self.device_type)
 
     # =========================================================================================
@@ -400,8 +399,8 @@ class Trainer:
         start = time.perf_counter()
         norm = StepNormalizer(len(pair_ids), int(data.chosen_answer_tokens[pair_ids].sum()))
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
-        # real tokens, processed tokens, sum of squared sequence lengths, stop requested (signal)
-        counters = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # the micro-batches' work (simpo_ds.flops.WORK_KEYS), then: stop requested (signal)
+        counters = torch.zeros(len(WORK_KEYS) + 1, dtype=torch.float64, device=self.device)
         for k, count, micro, batch in self._micro_batches(data, pair_ids, f"train step {self.step + 1}"):
             self.engine.set_gradient_accumulation_boundary(k == count - 1)
             seq = self.engine(batch)
@@ -412,19 +411,20 @@ class Trainer:
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
             self._check_lockstep("backward")
             stats += micro_stats
-            counters[:3] += micro.weight * torch.tensor(_token_counts(batch), dtype=torch.float64, device=self.device)
+            work = batch_work(batch, self.attn_impl)
+            counters[:-1] += micro.weight * torch.tensor([work[k] for k in WORK_KEYS], dtype=torch.float64, device=self.device)
         self.where = f"train step {self.step + 1}, optimizer step"
         self._emit("before_optimizer_step", pair_ids=pair_ids)
         self.engine.step()
         self.where = f"train step {self.step + 1}, metrics all-reduce"
-        counters[3] = float(self.stop_signal is not None)
+        counters[-1] = float(self.stop_signal is not None)
         ds.all_reduce_sum(stats)
         ds.all_reduce_sum(counters)  # one collective: every rank learns whether any rank was signalled
         elapsed = ds.all_reduce_max(time.perf_counter() - start, self.device)
-        real, processed, seq_sq, stop = counters.tolist()
+        *totals, stop = counters.tolist()
         self.stop_agreed = stop > 0
         metrics = finalize_metrics(stats, cfg.sft_weight)
-        metrics.update(self._system_metrics(real, processed, seq_sq, elapsed))
+        metrics.update(self._system_metrics(dict(zip(WORK_KEYS, totals)), elapsed))
         self._check_finite(metrics, pair_ids)
         return metrics
 
@@ -477,17 +477,21 @@ class Trainer:
             batch = collate_padded(pairs, pad, cfg.label_pad_token_id)
         return batch_to_device(batch, self.device)
 
-    def _system_metrics(self, real: float, processed: float, seq_sq: float, elapsed: float) -> dict:
-        layers, hidden = self.flops_shape
-        flops = training_flops(self.num_params, int(real), int(seq_sq), layers, hidden)
+    def _system_metrics(self, work: dict, elapsed: float) -> dict:
+        """Step-level system metrics from the summed micro-batch work of all ranks (simpo_ds.flops)."""
+        needed = training_flops(self.flops_shape, work["real"], work["head_rows"], work["pairs_needed"])
+        computed = training_flops(self.flops_shape, work["processed"], work["head_rows"], work["pairs_computed"])
+        per_device = max(elapsed, 1e-9) * self.world_size * 1e12
         out = {
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": ds.global_grad_norm(self.engine),
-            "tokens/real": real,
-            "tokens/padded": processed,
-            "pack_efficiency": real / max(processed, 1.0),
-            "tokens_per_s": real / max(elapsed, 1e-9),
-            "tflops_per_device": flops / max(elapsed, 1e-9) / self.world_size / 1e12,
+            "tokens/real": work["real"],
+            "tokens/effective": work["effective"],
+            "tokens/padded": work["processed"],
+            "pack_efficiency": work["real"] / max(work["processed"], 1.0),
+            "tokens_per_s": work["real"] / max(elapsed, 1e-9),
+            "tflops_per_device": needed / per_device,
+            "tflops_computed_per_device": computed / per_device,
             "step_time_s": elapsed,
             "mem/peak_gb": peak_memory_gb(self.device_type),
         }
@@ -606,22 +610,6 @@ class _Window:
         out["lr"] = self.rows[-1]["lr"]
         self.rows = []
         return out
-
-
-def _token_counts(batch: dict) -> list[float]:
-    """[real tokens, processed tokens (incl. padding), sum of squared sequence lengths].
-
-    Prompt sharing: real = processed = the shared row's tokens (each prompt counted once), and the
-    squared-length sum is ``seq_sq_sum`` = Σ len(chosen)² + len(rejected)² − shared_prompt², twice the
-    (q, k) pairs the mask allows, the same convention as s_i² of a causal sequence (data/sharing.py).
-    """
-    if "role_ids" in batch:
-        return [float(batch["num_tokens"]), float(batch["input_ids"].numel()), float(batch["seq_sq_sum"])]
-    if "cu_seqlens" in batch:
-        lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).double()
-    else:
-        lengths = batch["attention_mask"].sum(-1).double()
-    return [float(batch["num_tokens"]), float(batch["input_ids"].numel()), float((lengths**2).sum())]
 
 
 def _seed_everything(seed: int) -> None:

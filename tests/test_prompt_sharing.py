@@ -372,7 +372,8 @@ def test_trainer_token_counts_and_pair_data_shared_lengths():
     import datasets
 
     from simpo_ds.data.packing import collate_packed, pair_num_tokens
-    from simpo_ds.trainer import PairData, _token_counts
+    from simpo_ds.flops import batch_work
+    from simpo_ds.trainer import PairData
 
     pairs = EXAMPLE + seam_pairs(10)
     data = PairData(datasets.Dataset.from_list(pairs))
@@ -380,13 +381,14 @@ def test_trainer_token_counts_and_pair_data_shared_lengths():
     assert data.pair_tokens.tolist() == [pair_num_tokens(p) for p in pairs]
     assert (data.shared_tokens <= data.pair_tokens).all()
     shared, packed = collate_shared(pairs), collate_packed(pairs)
-    real, processed, seq_sq = _token_counts(shared)
-    assert real == processed == shared["num_tokens"] == data.shared_tokens.sum()
+    work, unshared = batch_work(shared, "sdpa"), batch_work(packed, "sdpa_varlen")
+    assert work["real"] == work["processed"] == shared["num_tokens"] == data.shared_tokens.sum()
+    assert work["effective"] == unshared["real"] == data.pair_tokens.sum()  # prompts counted twice
     # Σ s_i² of the unshared layout minus one prompt square per pair
-    assert seq_sq == _token_counts(packed)[2] - sum(shared_prefix_len(p) ** 2 for p in pairs)
-    # twice the allowed (q, k) pairs, minus the diagonal (n² = 2 · n(n+1)/2 − n for a causal sequence)
+    assert shared["seq_sq_sum"] == unshared["pairs_computed"] - sum(shared_prefix_len(p) ** 2 for p in pairs)
+    # the needed attention pairs are exactly the (q, k) pairs the mask allows
     allowed = int(shared_attention_mask(shared["segment_ids"], shared["role_ids"]).sum())
-    assert seq_sq == 2 * allowed - shared["num_tokens"]
+    assert work["pairs_needed"] == allowed and work["pairs_computed"] == shared["num_tokens"] ** 2
 
 
 @pytest.mark.distributed

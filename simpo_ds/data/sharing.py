@@ -40,7 +40,8 @@ Worked example: the §3 pairs (P=2, C=3, R=1) and (P=1, C=2, R=2), plus a seam p
 
 Attention cost: ``seq_sq_sum`` = Σ over pairs of len(chosen)² + len(rejected)² − s², i.e. twice the
 number of (q, k) pairs the mask allows (the causal-not-discounted convention of
-``simpo_ds.reporting.training_flops``, where a causal sequence of length n counts n²): the standard
+``simpo_ds.flops``, where a causal sequence of length n counts n², and (seq_sq_sum + T) / 2 are the
+allowed pairs exactly): the standard
 layout's Σ s_i² minus the prompt-prompt square that is now computed once instead of twice.
 
 No ``labels`` tensor (a row can hold two next-token labels for one position) and no ``cu_seqlens``
@@ -88,7 +89,8 @@ def collate_shared(pairs: Sequence[Pair], label_pad_token_id: int = -100) -> dic
     Returns input_ids/position_ids/segment_ids/role_ids [1, T] int64; the reducer index of
     ``collate_packed`` (pred_positions/pred_labels/pred_seq [N], seq_num_tokens [S = 2P], chosen_seq/
     rejected_seq [P], seq_to_pair [S], seq_is_chosen [S] bool — sequence 2i is pair i's chosen, 2i+1
-    its rejected); num_pairs, num_tokens (= T) and seq_sq_sum (int, attention work, see module doc).
+    its rejected); num_pairs, num_tokens (= T), unshared_tokens (the same pairs in the standard layout)
+    and seq_sq_sum (int, attention work, see module doc).
     ``label_pad_token_id`` is accepted for signature parity with ``collate_packed`` (no labels row).
     """
     del label_pad_token_id  # no labels tensor in this layout (module docstring)
@@ -133,6 +135,7 @@ def collate_shared(pairs: Sequence[Pair], label_pad_token_id: int = -100) -> dic
         **interleaved_pair_index(n_pairs),
         "num_pairs": n_pairs,
         "num_tokens": len(ids),
+        "unshared_tokens": sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs),
         "seq_sq_sum": seq_sq,
     }
 
