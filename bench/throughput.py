@@ -72,7 +72,9 @@ class Settings:
     learning_rate: float = 1e-4
     seed: int = 42
     max_length: int = 8192  # no truncation at these lengths (both trainers)
-    model_shape: dict | None = None  # overrides of bench.make_data.MODEL_SHAPE (toy runs)
+    model_shape: dict | None = None  # overrides of bench.make_data.MODEL_SHAPE (toy runs, SHAPES)
+    vocab_size: int = 8192  # of the random model and its word-level tokenizer
+    dtype: str = "float32"  # float32 (CPU) | bfloat16 (GPU: both trainers in bf16)
     threads: int = 0  # torch intra-op threads per run; 0 = every core
 
     @property
@@ -83,6 +85,14 @@ class Settings:
     def model_path(self) -> Path:
         return ROOT / self.data_dir / "model"
 
+
+# Random models shaped like real ones (LlamaConfig: the same matmul shapes; Qwen2's qkv bias aside).
+SHAPES = {
+    "qwen2-0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True), 151936),
+    "qwen2-1.5b": (dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True), 151936),
+}
 
 TOY = dict(data_dir="outputs/bench/toy_data", run_dir="outputs/bench/toy_runs", pairs=32, batch=4, budget=256,
            trl_micro=2, steps=2, repeats=1, model_shape={"hidden_size": 32, "intermediate_size": 64,
@@ -130,7 +140,7 @@ def run_simpo(s: Settings, packing: bool, out: Path, attn: str = "auto") -> dict
 
     cfg = SimPOConfig(
         model_name_or_path=str(s.model_path), train_data=str(s.data_path), output_dir=str(out),
-        deepspeed=str(ROOT / s.ds), torch_dtype="float32", attn_implementation=attn,
+        deepspeed=str(ROOT / s.ds), torch_dtype=s.dtype, attn_implementation=attn,
         packing=packing, max_tokens_per_microbatch=s.budget, train_batch_size=s.batch, max_steps=s.steps,
         max_length=s.max_length, max_prompt_length=s.max_length - 1, beta=s.beta,
         gamma_beta_ratio=s.gamma_beta_ratio, learning_rate=s.learning_rate, lr_scheduler_type="constant",
@@ -193,7 +203,7 @@ def run_trl(s: Settings, out: Path) -> dict:
     order = step_order(len(rows), s.seed)[: s.steps * s.batch]
     dataset = datasets.Dataset.from_list([rows[i] for i in order])
     tokenizer = AutoTokenizer.from_pretrained(s.model_path)
-    model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=getattr(torch, s.dtype), attn_implementation="sdpa")
     micro_records: list[dict] = []
 
     class Recording(CPOTrainer):
@@ -225,7 +235,8 @@ def run_trl(s: Settings, out: Path) -> dict:
         gradient_accumulation_steps=s.batch // s.trl_micro, max_steps=s.steps, learning_rate=s.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
         beta=s.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=s.gamma_beta_ratio * s.beta,
-        max_length=s.max_length, train_sampling_strategy="sequential", use_cpu=True, bf16=False,
+        max_length=s.max_length, train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available(),
+        bf16=s.dtype == "bfloat16",
         dataloader_num_workers=0, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         seed=s.seed, remove_unused_columns=False,
     )
@@ -259,7 +270,7 @@ def run_profile(s: Settings, out: Path) -> dict:
 
     cfg = SimPOConfig(
         model_name_or_path=str(s.model_path), train_data=str(s.data_path), output_dir=str(out),
-        deepspeed=str(ROOT / s.ds), torch_dtype="float32", attn_implementation="auto", packing=True,
+        deepspeed=str(ROOT / s.ds), torch_dtype=s.dtype, attn_implementation="auto", packing=True,
         max_tokens_per_microbatch=s.budget, train_batch_size=s.batch, max_steps=10**6,
         max_length=s.max_length, max_prompt_length=s.max_length - 1, beta=s.beta,
         gamma_beta_ratio=s.gamma_beta_ratio, learning_rate=s.learning_rate, lr_scheduler_type="constant",
@@ -310,15 +321,22 @@ def run_profile(s: Settings, out: Path) -> dict:
 
 
 def run_sgemm(repeats: int = 20, n: int = 1024) -> dict:
-    """The CPU's attainable fp32 matmul rate (best of ``repeats`` n x n x n products): the MFU peak."""
+    """The attainable matmul rate (best of ``repeats`` n x n x n products): the MFU peak on CPU (fp32).
+    On a GPU: bf16 8192³ products, synchronised (the dense peak MFU is usually quoted against)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else n
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)) if cuda else (torch.randn(n, n), torch.randn(n, n))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return {"peak_tflops": 2 * n**3 / best / 1e12, "steps": [], "num_params": 0, "first_step_rows": []}
 
@@ -339,7 +357,8 @@ def worker(system: str, s: Settings, result: Path) -> None:
         res = run_profile(s, out)
     else:
         res = run_simpo(s, system != "padded", out, attn="sdpa" if system == "packed_sdpa" else "auto")
-    res.update(system=system, process_s=time.perf_counter() - started, peak_rss_gib=peak_rss_gib())
+    res.update(system=system, process_s=time.perf_counter() - started, peak_rss_gib=peak_rss_gib(),
+               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
     result.write_text(json.dumps(res))
 
 
@@ -388,6 +407,7 @@ def summarize_run(res: dict) -> dict:
         "attn_work_ratio": sum(x["attn_computed"] for x in steps) / sum(x["attn_needed"] for x in steps),
         "tflops": sum(x["flops"] for x in steady) / wall / 1e12,
         "peak_rss_gib": res["peak_rss_gib"],
+        "peak_gpu_gib": res.get("peak_gpu_gib", 0.0),
         "first_loss": steps[0]["loss"],
         "real_tokens_per_step": sum(x["real"] for x in steps) / len(steps),
     }
@@ -397,7 +417,7 @@ def run_all(s: Settings, systems, inline: bool = False, profile: bool = False) -
     from bench.make_data import build
 
     (ROOT / s.run_dir).mkdir(parents=True, exist_ok=True)
-    summary = build(ROOT / s.data_dir, s.pairs, s.scale, model_shape=s.model_shape)
+    summary = build(ROOT / s.data_dir, s.pairs, s.scale, vocab_size=s.vocab_size, model_shape=s.model_shape)
     peak = _spawn("sgemm", s, "sgemm", inline)["peak_tflops"]
     runs = []
     for r in range(s.repeats):
@@ -425,7 +445,7 @@ def run_all(s: Settings, systems, inline: bool = False, profile: bool = False) -
 # =============================================================================================
 def aggregate(runs: list[dict], systems) -> dict[str, dict]:
     keys = ("tokens_per_s", "tokens_per_cpu_s", "steps_per_s", "pack_efficiency", "attn_work_ratio", "tflops", "peak_rss_gib",
-            "first_loss", "real_tokens_per_step")
+            "peak_gpu_gib", "first_loss", "real_tokens_per_step")
     out = {}
     for system in systems:
         mine = [r for r in runs if r["system"] == system]
@@ -533,6 +553,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--pairs", type=int, help="rows generated (default 1024)")
     parser.add_argument("--budget", type=int)
     parser.add_argument("--trl-micro", type=int, dest="trl_micro")
     parser.add_argument("--dataset", choices=("uf_like", "long_prompt"))
@@ -546,13 +567,18 @@ def main(argv=None) -> None:
     parser.add_argument("--inline", action="store_true", help="run the systems in this process (toy runs)")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     parser.add_argument("--section", default="throughput", help="RESULTS.md section to (re)write")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a real model's shape (random weights, its vocabulary)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--json", help="also write the aggregated results here (bench.gpu_check reads it)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, Settings(**json.loads(args.settings)), Path(args.result))
         return
     s = Settings(**TOY) if args.toy else Settings()
+    if args.shape:
+        s.model_shape, s.vocab_size = SHAPES[args.shape]
     for key in ("repeats", "steps", "batch", "budget", "trl_micro", "dataset", "scale", "ds", "threads", "data_dir",
-                "run_dir"):
+                "run_dir", "dtype", "pairs"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if s.batch % s.trl_micro:
@@ -565,6 +591,9 @@ def main(argv=None) -> None:
     command = " ".join(["python -m bench.throughput", *(argv if argv is not None else sys.argv[1:])])
     text = report(s, runs, extra, env, environment()["load_avg"], systems, command)
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": dataclasses.asdict(s), "peak_tflops": extra["peak_tflops"],
+                                               "aggregate": aggregate(runs, systems), "runs": runs}, indent=1))
     if not (args.toy or args.no_write):
         write_section(args.section, text)
 

@@ -70,3 +70,17 @@ def test_reducer_memory_case_and_report():
     text = reducer_memory.report([full, chunked, skipped, target_chunk], (("chunked", 32),), 16.0, env)
     assert "skipped (would need 15.7 GiB; 8.0 GiB available)" in text
     assert "chunked 32: 6.4% — **met**" in text
+
+
+def test_gpu_check_dry_run_runs_every_phase(tmp_path):
+    """``python -m bench.gpu_check --dry-run``: the GPU check's every phase at toy shapes on CPU, so
+    a lent GPU machine is never spent on a script that has not run."""
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    phases = json.loads((tmp_path / "RESULTS_gpu.json").read_text())["phases"]
+    assert set(phases) == {"exact", "throughput", "reducer"} and not any("error" in p for p in phases.values())
+    exact = phases["exact"]["result"]
+    assert exact["pass"] and exact["fp32"]["logps"] < 1e-4 and exact["zero3_step"]["rel_error"] < 1e-5
+    assert phases["throughput"]["result"]["ratios"]["packed_vs_padded"] > 0
+    assert (tmp_path / "RESULTS_gpu.md").is_file()
