@@ -26,22 +26,21 @@ import numpy as np
 import torch
 
 from simpo_ds import engine as ds
-from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
-from simpo_ds.config import ConfigError, SimPOConfig
 from simpo_ds import hub
+from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
 from simpo_ds.callbacks import split_callbacks
-from simpo_ds.config import no_effect_keys
+from simpo_ds.config import ConfigError, SimPOConfig, no_effect_keys
 from simpo_ds.data import mixer
 from simpo_ds.data.formats import to_canonical
 from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
-from simpo_ds.data.tokenize import DataError
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
 from simpo_ds.data.sharing import collate_shared, shared_pair_num_tokens
+from simpo_ds.data.tokenize import DataError
+from simpo_ds.flops import WORK_KEYS, batch_work, flop_shape, training_flops
 from simpo_ds.lockstep import CallCounter, check_equal
 from simpo_ds.lockstep import enabled as lockstep_enabled
 from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, lockstep_chunk_counts, microbatch_loss
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
-from simpo_ds.flops import WORK_KEYS, batch_work, flop_shape, training_flops
 from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb
 from simpo_ds.shared_attention import choose_shared_attn_implementation
 
@@ -205,15 +204,17 @@ class Trainer:
 
     def _tokenize_split(self, source, name: str):
         raw = source() if callable(source) else load_pairs(source) if isinstance(source, str) else source
-        if raw is None:
-            raise DataError(f"{name}: no {'train' if name == 'dataset_mixer' else ''} split in dataset_splits")
+        if raw is None:  # a mixer whose dataset_splits name no train split
+            raise DataError(f"{name}: dataset_splits {self.cfg.dataset_splits} name no train split (a name with 'train')")
         raw, formats = to_canonical(raw, name, self.cfg.drop_ties)
         report = validate_columns(raw, name)
-        report["warnings"].update({"score ties": formats["ties"]} if formats["ties"] else {})
+        if formats["ties"]:
+            report["warnings"]["score ties"] = formats["ties"]
         tokenized, stats = tokenize_dataset(raw, self.tokenizer, self.cfg, num_proc=self.cfg.dataset_num_proc)
         if len(tokenized) == 0:
             raise DataError(f"{name}: no trainable pairs left after tokenization ({stats})")
-        return tokenized, {**stats, "format": formats["format"], "ties_dropped": formats["ties"] if formats["ties_dropped"] else 0}, report
+        stats.update(format=formats["format"], score_ties=formats["ties"], ties_dropped=formats["ties_dropped"])
+        return tokenized, stats, report
 
     def _setup_model(self) -> None:
         cfg = self.cfg
