@@ -66,6 +66,7 @@ class SimPOConfig:
     packing: bool = True  # pack pairs into varlen rows; false = padded reference batches
     max_tokens_per_microbatch: int = 8192  # token budget of one packed micro-batch (per rank)
     prompt_sharing: bool = False  # one [prompt | chosen | rejected] segment per pair (issue 9)
+    sequence_parallel_size: int = 1  # N ranks share one packed row, each computes 1/N of its tokens (Ulysses)
 
     # ---- SimPO -------------------------------------------------------------------------------
     beta: float = 2.0  # reward scale
@@ -207,6 +208,11 @@ class SimPOConfig:
         unknown_reports = set(self.report_to) - {"wandb", "none"}
         if unknown_reports:
             bad("report_to", "supported: wandb, none")
+        if self.sequence_parallel_size < 1:
+            bad("sequence_parallel_size", "must be >= 1")
+        if self.sequence_parallel_size > 1 and (self.prompt_sharing or not self.packing):
+            bad("sequence_parallel_size", "needs packing: true and prompt_sharing: false (a sliced row is a "
+                "packed varlen row; the prompt-sharing mask has no sequence-parallel kernel)")
         if self.prompt_sharing and not self.packing:
             bad("prompt_sharing", "needs packing: true (it is a packed layout; the padded path is the reference)")
         if self.use_peft and self.lora_r <= 0:

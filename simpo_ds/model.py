@@ -106,8 +106,10 @@ class SimPOPolicy(nn.Module):
     micro-batch (:func:`simpo_ds.loss.lockstep_chunk_counts`); without it the local count.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 0, attn_kwargs_fn=None):
-        """``chunk_size``: reducer rows per chunk; 0 = :func:`simpo_ds.loss.auto_chunk_size` of the vocab."""
+    def __init__(self, model: nn.Module, chunk_size: int = 0, attn_kwargs_fn=None, sequence_parallel=None):
+        """``chunk_size``: reducer rows per chunk; 0 = :func:`simpo_ds.loss.auto_chunk_size` of the vocab.
+        ``sequence_parallel``: a :class:`simpo_ds.sequence_parallel.SequenceParallel` when this rank
+        holds a slice of the row (batch from ``slice_row``, ``batch["attention_kwargs"]`` global)."""
         super().__init__()
         self.model = model
         lm = self.causal_lm
@@ -115,6 +117,7 @@ class SimPOPolicy(nn.Module):
         self.chunk_size = chunk_size or auto_chunk_size(vocab)
         self.logits_transform = logits_transform(lm.config)  # softcapping / logit scale, or None
         self.attn_kwargs_fn = attn_kwargs_fn  # batch -> extra forward kwargs (varlen cu_seqlens)
+        self.sequence_parallel = sequence_parallel
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -131,9 +134,11 @@ class SimPOPolicy(nn.Module):
         elif "attention_mask" in batch:  # padded reference layout
             out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         else:  # packed varlen row: block-causal attention from restarting position_ids
-            extra = self.attn_kwargs_fn(batch) if self.attn_kwargs_fn is not None else {}
+            extra = batch.get("attention_kwargs")  # a sequence-parallel slice: the row's global cu_seqlens
+            if extra is None:
+                extra = self.attn_kwargs_fn(batch) if self.attn_kwargs_fn is not None else {}
             out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
-        return reduce_sequence_logps(
+        seq = reduce_sequence_logps(
             out.last_hidden_state,
             lm_head,
             batch["pred_positions"],
@@ -144,6 +149,12 @@ class SimPOPolicy(nn.Module):
             logits_transform=self.logits_transform,
             chunks=batch.get("num_chunks"),  # agreed across ranks by the trainer (ZeRO-3 lock-step)
         )
+        if self.sequence_parallel is not None and self.sequence_parallel.size > 1:
+            from simpo_ds.sequence_parallel import sum_over_group
+
+            sp = self.sequence_parallel
+            seq = SequenceLogps(sum_over_group(seq.logp_sum, sp), seq.num_tokens, sum_over_group(seq.logit_sum, sp))
+        return seq
 
 
 def disable_dropout(model: nn.Module) -> None:

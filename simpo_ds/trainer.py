@@ -27,7 +27,8 @@ import torch
 
 from simpo_ds import engine as ds
 from simpo_ds import hub
-from simpo_ds.attention import attention_kwargs, choose_attn_implementation, register_attention
+from simpo_ds import sequence_parallel
+from simpo_ds.attention import CU_SEQLENS_IMPLEMENTATIONS, attention_kwargs, choose_attn_implementation, register_attention
 from simpo_ds.callbacks import split_callbacks
 from simpo_ds.config import ConfigError, SimPOConfig, no_effect_keys
 from simpo_ds.data import mixer
@@ -39,7 +40,7 @@ from simpo_ds.data.tokenize import DataError
 from simpo_ds.flops import WORK_KEYS, batch_work, flop_shape, training_flops
 from simpo_ds.lockstep import CallCounter, check_equal
 from simpo_ds.lockstep import enabled as lockstep_enabled
-from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, lockstep_chunk_counts, microbatch_loss
+from simpo_ds.loss import STAT_NAMES, StepNormalizer, finalize_metrics, lockstep_chunk_counts, microbatch_loss, num_chunks
 from simpo_ds.model import SimPOPolicy, batch_to_device, export_pretrained, load_model, prepare_model, resolve_dtype
 from simpo_ds.reporting import Reporter, detect_peak_tflops, peak_memory_gb
 from simpo_ds.shared_attention import choose_shared_attn_implementation
@@ -137,6 +138,10 @@ class Trainer:
             return
         cfg = self.cfg
         self.rank, self.world_size, self.device = ds.init_distributed(cfg.collective_timeout_s)
+        if self.world_size % cfg.sequence_parallel_size:
+            raise ConfigError(f"config key 'sequence_parallel_size': {cfg.sequence_parallel_size} does not divide "
+                              f"the world size {self.world_size}")
+        self.sp = sequence_parallel.make_groups(self.world_size, self.rank, cfg.sequence_parallel_size)
         level = logging.INFO if cfg.log_level == "passive" else getattr(logging, cfg.log_level.upper())
         logging.basicConfig(level=level if self.rank == 0 else logging.WARNING, format="%(message)s")
         for key, why in no_effect_keys(cfg).items():
@@ -147,7 +152,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _seed_everything(cfg.seed)
         self.device_type = ds.device_type()
-        cfg.train_batch_size = cfg.resolve_batch_size(self.world_size)
+        cfg.train_batch_size = cfg.resolve_batch_size(self.sp.dp_size)  # per-device batches: data-parallel ranks
         self.reporter = Reporter(cfg.output_dir, self.rank, cfg.report_to, cfg.run_name, cfg.to_dict())
         self.tokenizer = self.tokenizer or _load_tokenizer(cfg)
         if cfg.chat_template:
@@ -225,6 +230,18 @@ class Trainer:
             self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type, cfg.packing)
         register_attention()
         model_config = _model_config(cfg, self._model_arg)
+        self.base_attn_impl = self.attn_impl  # the kernel; under sequence parallelism wrapped by all-to-alls
+        if self.sp.size > 1:
+            if self.attn_impl not in CU_SEQLENS_IMPLEMENTATIONS:
+                raise ConfigError(
+                    f"config key 'sequence_parallel_size': {self.sp.size} needs a cu_seqlens attention "
+                    f"({', '.join(CU_SEQLENS_IMPLEMENTATIONS)}), not attn_implementation={self.attn_impl!r}: a sliced "
+                    "row through sdpa/eager lets its sequences attend to each other")
+            try:
+                sequence_parallel.check_heads(model_config, self.sp.size)
+            except ValueError as err:
+                raise ConfigError(f"config key {err}") from None
+            self.attn_impl = sequence_parallel.register(self.base_attn_impl)
         self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
         logger.info("DeepSpeed: ZeRO-%d from %s", ds.zero_stage(self.ds_config), ds.ds_config_source(cfg.deepspeed))
         self._zero3_context = ds.zero3_init_context(self.ds_config)  # must outlive loading
@@ -235,7 +252,8 @@ class Trainer:
         else:
             model = prepare_model(self._model_arg, cfg)
         self.policy = SimPOPolicy(
-            model, chunk_size=cfg.logits_chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, self.attn_impl)
+            model, chunk_size=cfg.logits_chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, self.base_attn_impl),
+            sequence_parallel=self.sp,
         )
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
 
@@ -371,23 +389,34 @@ class Trainer:
         return order[k * self.cfg.train_batch_size : (k + 1) * self.cfg.train_batch_size]
 
     def _micro_batches(self, data: PairData, pair_ids: np.ndarray, what: str):
-        """This rank's micro-batches of ``pair_ids`` -> (k, count, MicroBatchPlan, collated batch).
+        """This rank's micro-batches of ``pair_ids`` -> (k, count, MicroBatchPlan, batch, work, once).
 
         Lock-step across ranks (ZeRO-3, DESIGN.md §4-5): the pack plan is computed identically on every
         rank, so every rank runs the same number of micro-batches and, in micro-batch k, the same number
-        of lm_head chunks (``batch["num_chunks"]``: the most any rank's micro-batch k needs).
+        of lm_head chunks (``batch["num_chunks"]``: the most any rank's micro-batch k needs). With
+        sequence parallelism the plan is over the ``world / N`` groups, each rank gets its slice of its
+        group's row (simpo_ds.sequence_parallel), and the chunk count is agreed by one all-reduce (a
+        slice's label rows depend on where the cut falls). ``work`` (simpo_ds.flops) describes the whole
+        row; ``once`` weighs statistics so a group's row is counted once (the micro-batch weight on the
+        group's first rank, 0 on the others).
         """
-        cfg = self.cfg
-        plan = plan_step(data.row_tokens(cfg.prompt_sharing)[pair_ids].tolist(), self.world_size, cfg.max_tokens_per_microbatch)
+        cfg, sp = self.cfg, self.sp
+        plan = plan_step(data.row_tokens(cfg.prompt_sharing)[pair_ids].tolist(), sp.dp_size,
+                         cfg.max_tokens_per_microbatch * sp.size)
         label_rows = [[int(data.label_tokens[pair_ids[list(m.pairs)]].sum()) for m in rank_plan] for rank_plan in plan]
         chunks = lockstep_chunk_counts(label_rows, self.policy.chunk_size)
-        for k, micro in enumerate(plan[self.rank]):
+        for k, micro in enumerate(plan[sp.dp_rank]):
             self.where = f"{what}, micro-batch {k + 1}/{len(chunks)}"
             batch = self._collate(data.pairs(pair_ids[list(micro.pairs)]))
+            work = batch_work(batch, self.base_attn_impl)
+            if sp.size > 1:
+                batch = sequence_parallel.slice_row(batch, sp)
+                chunks[k] = int(ds.all_reduce_max(num_chunks(len(batch["pred_positions"]), self.policy.chunk_size),
+                                                  self.device))
             batch["num_chunks"] = chunks[k]
             if self.call_counter is not None:
                 check_equal({"planned lm_head chunks": chunks[k]}, f"{self.where}, before forward", self.device)
-            yield k, len(chunks), micro, batch
+            yield k, len(chunks), micro, batch, work, micro.weight * float(sp.rank == 0)
 
     def _check_lockstep(self, phase: str) -> None:
         """``debug_lockstep``: every rank made the same module calls since the last check."""
@@ -402,7 +431,7 @@ class Trainer:
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=self.device)
         # the micro-batches' work (simpo_ds.flops.WORK_KEYS), then: stop requested (signal)
         counters = torch.zeros(len(WORK_KEYS) + 1, dtype=torch.float64, device=self.device)
-        for k, count, micro, batch in self._micro_batches(data, pair_ids, f"train step {self.step + 1}"):
+        for k, count, micro, batch, work, once in self._micro_batches(data, pair_ids, f"train step {self.step + 1}"):
             self.engine.set_gradient_accumulation_boundary(k == count - 1)
             seq = self.engine(batch)
             loss, micro_stats = microbatch_loss(
@@ -411,9 +440,8 @@ class Trainer:
             self._check_lockstep("forward")
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages gradients over ranks
             self._check_lockstep("backward")
-            stats += micro_stats
-            work = batch_work(batch, self.attn_impl)
-            counters[:-1] += micro.weight * torch.tensor([work[k] for k in WORK_KEYS], dtype=torch.float64, device=self.device)
+            stats += micro_stats * float(self.sp.rank == 0)  # a group's row counts once
+            counters[:-1] += once * torch.tensor([work[key] for key in WORK_KEYS], dtype=torch.float64, device=self.device)
         self.where = f"train step {self.step + 1}, optimizer step"
         self._emit("before_optimizer_step", pair_ids=pair_ids)
         self.engine.step()
@@ -474,9 +502,16 @@ class Trainer:
         elif cfg.packing:
             batch = collate_packed(pairs, cfg.label_pad_token_id)
         else:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-            batch = collate_padded(pairs, pad, cfg.label_pad_token_id)
+            batch = collate_padded(pairs, self._pad_id(), cfg.label_pad_token_id)
+        if self.sp.size > 1:  # the whole row on every rank of the group; the trainer then takes its slice
+            batch = batch_to_device(sequence_parallel.pad_row(batch, self.sp.size, self._pad_id()), self.device)
+            batch["attention_kwargs"] = attention_kwargs(batch, self.base_attn_impl)  # global cu_seqlens
+            return batch
         return batch_to_device(batch, self.device)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def _system_metrics(self, work: dict, elapsed: float) -> dict:
         """Step-level system metrics from the summed micro-batch work of all ranks (simpo_ds.flops)."""
@@ -514,10 +549,10 @@ class Trainer:
         for start in range(0, len(data), self.cfg.train_batch_size):
             chunk = everything[start : start + self.cfg.train_batch_size]
             what = f"eval at step {self.step}, pairs {start}-{start + len(chunk) - 1}"
-            for _, _, micro, batch in self._micro_batches(data, chunk, what):
+            for _, _, micro, batch, _, once in self._micro_batches(data, chunk, what):
                 seq = self.engine(batch)
                 _, micro_stats = microbatch_loss(
-                    seq, batch["chosen_seq"], batch["rejected_seq"], StepNormalizer(1, 1), weight=micro.weight,
+                    seq, batch["chosen_seq"], batch["rejected_seq"], StepNormalizer(1, 1), weight=once,
                     **self._loss_kwargs()
                 )
                 self._check_lockstep("forward")
