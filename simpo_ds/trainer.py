@@ -245,6 +245,9 @@ class Trainer:
         self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
         logger.info("DeepSpeed: ZeRO-%d from %s", ds.zero_stage(self.ds_config), ds.ds_config_source(cfg.deepspeed))
         self._zero3_context = ds.zero3_init_context(self.ds_config)  # must outlive loading
+        if self.sp.size > 1 and not (self._model_arg is None or isinstance(self._model_arg, str)):
+            raise ConfigError("config key 'sequence_parallel_size' > 1 needs the model loaded by simpo-ds (pass its "
+                              "name or path), so its attention is the sequence-parallel one")
         if self._model_arg is None or isinstance(self._model_arg, str):
             if isinstance(self._model_arg, str):
                 cfg.model_name_or_path = self._model_arg

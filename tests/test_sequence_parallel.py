@@ -154,14 +154,39 @@ def test_heads_are_checked():
     ids=["zero3", "zero2", "zero1", "zero3-gradient-checkpointing"],
 )
 def test_two_ranks_one_group_equal_reference(assets, reference, tmp_path, ds_config, extra):  # noqa: F811
-    """Step-1 loss, every metric and every gradient == the single-process padded reference. The
+    """Step-1 loss, every metric and every gradient == the single-process padded reference; tokens
+    counted once per group; the step-0 evaluation (ZeRO-3) == the reference on the eval pairs. The
     budget (per rank) makes rows of several pairs; a pair longer than it still trains."""
     out, dump = tmp_path / "run", tmp_path / "grads.pt"
+    evaluate = ["--eval_data", assets["eval"], "--eval_on_start", "true"] if not extra and "zero3" in ds_config else []
     args = ["--dump", str(dump), "--model_name_or_path", assets["model"], "--train_data", assets["train"],
             "--output_dir", str(out), "--ds", ds_config, "--max_steps", "1", "--save_final", "false",
-            "--max_tokens_per_microbatch", "40", *COMMON, *SP2, *extra]
+            "--max_tokens_per_microbatch", "40", *COMMON, *SP2, *extra, *evaluate]
     launch("tests/dist_worker.py", args, ranks=2)
-    check_against_reference(read_metrics(out)[0], torch.load(dump), reference)
+    metrics, saved = read_metrics(out)[0], torch.load(dump)
+    check_against_reference(metrics, saved, reference)
+    data = _data(assets["train"])
+    assert metrics["tokens/real"] == sum(data.pair_tokens[i] for i in saved["pair_ids"])  # once per group
+    if evaluate:
+        from reference import assert_metrics_close, reference_step
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32, attn_implementation="sdpa")
+        evals = _data(assets["eval"])
+        with torch.no_grad():
+            _, _, expected = reference_step(model, evals.pairs(range(len(evals))))
+        assert_metrics_close(read_metrics(out, "eval")[0], expected)
+
+
+def _data(path: str):
+    from run_assets import make_tokenizer
+
+    from simpo_ds.config import SimPOConfig
+    from simpo_ds.data.load import load_pairs, tokenize_dataset
+    from simpo_ds.trainer import PairData
+
+    return PairData(tokenize_dataset(load_pairs(path), make_tokenizer(), SimPOConfig(max_length=128,
+                                                                                  max_prompt_length=64))[0])
 
 
 @pytest.mark.distributed
@@ -181,12 +206,7 @@ def test_lora_two_ranks_one_group_equals_reference(assets, tmp_path):  # noqa: F
     """LoRA under N = 2 (ZeRO-3): the reference gets the run's initial adapters."""
     import numpy as np
     from reference import assert_grads_close, assert_metrics_close, lora_model, reference_step
-    from run_assets import make_tokenizer
     from transformers import AutoModelForCausalLM
-
-    from simpo_ds.config import SimPOConfig
-    from simpo_ds.data.load import load_pairs, tokenize_dataset
-    from simpo_ds.trainer import PairData
 
     out, dump = tmp_path / "run", tmp_path / "grads.pt"
     args = ["--dump", str(dump), "--model_name_or_path", assets["model"], "--train_data", assets["train"],
@@ -195,8 +215,7 @@ def test_lora_two_ranks_one_group_equals_reference(assets, tmp_path):  # noqa: F
             *COMMON, *SP2]
     launch("tests/dist_worker.py", args, ranks=2)
     saved = torch.load(dump)
-    data = PairData(tokenize_dataset(load_pairs(assets["train"]), make_tokenizer(), SimPOConfig(max_length=128,
-                                                                                              max_prompt_length=64))[0])
+    data = _data(assets["train"])
     assert saved["pair_ids"] == [int(i) for i in np.random.default_rng(42).permutation(len(data))[:8]]
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32, attn_implementation="sdpa")
     model = lora_model(model, saved["params"], 4, 8, ["q_proj", "v_proj"])
