@@ -1,7 +1,8 @@
-"""Command line: ``simpo-ds train|plot|stats ...``.
+"""Command line: ``simpo-ds train|plot|stats|generate|score|binarize ...``.
 
 ``simpo-ds train`` is launch/train.py; ``simpo-ds plot OUTPUT_DIR`` draws metrics.jsonl as PNGs and a
-report.md; ``simpo-ds stats DATASET --tokenizer DIR`` prints length / truncation / packing statistics.
+report.md; ``simpo-ds stats DATASET --tokenizer DIR`` prints length / truncation / packing statistics;
+``generate`` / ``score`` / ``binarize`` build on-policy preference data (``simpo_ds.onpolicy``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def train_main(argv: list[str]) -> int:
 USAGE = """usage:
   simpo-ds train [recipe.yaml | --config recipe.yaml] [--ds ds_configs/zero3.json] [--key value ...]
   simpo-ds plot OUTPUT_DIR [--config recipe.yaml] [--title TEXT]
-  simpo-ds stats DATASET --tokenizer DIR [--max_length N] [--max_prompt_length N] ..."""
+  simpo-ds stats DATASET --tokenizer DIR [--max_length N] [--max_prompt_length N] ...
+  simpo-ds generate --model M --prompts P --out DIR [--num_samples 5 --temperature 0.8 --top_p 0.95 ...]
+  simpo-ds score --data DIR (--reward_model RM | --scorer module:function) [--batch_size 8 ...]
+  simpo-ds binarize --data DIR --out OUT [--test_size 0.02 --seed 42]"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from simpo_ds import stats
 
         return stats.main(rest)
+    if command in ("generate", "score", "binarize"):
+        import importlib
+
+        return importlib.import_module(f"simpo_ds.onpolicy.{command}").main(rest)
     print(f"simpo-ds: unknown command {command!r}", file=sys.stderr)
     return 2
 

@@ -149,12 +149,9 @@ def mentions(answer: str, word: str) -> bool:
 def render_prompt(tokenizer, prompt: str, insert_empty_system: bool = True) -> str:
     """The text the model sees before its answer, as in training with
     ``chat_template_mode: generation_prompt`` (empty system message when ``insert_empty_system``)."""
-    from simpo_ds.data.tokenize import maybe_insert_system_message
+    from simpo_ds.data.tokenize import render_generation_prompt
 
-    messages = [{"role": "user", "content": prompt}]
-    if insert_empty_system:
-        messages = maybe_insert_system_message(messages, tokenizer)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_generation_prompt(tokenizer, [{"role": "user", "content": prompt}], insert_empty_system)
 
 
 def greedy_answers(model_dir: str | Path, prompts: list[str], insert_empty_system: bool = True,

@@ -106,8 +106,24 @@ def _render_reference(tokenizer, prompt: list, chosen: dict, rejected: dict) -> 
     return prompt_text, chosen_text, rejected_text
 
 
+def render_generation_prompt(tokenizer, messages: list, auto_insert_empty_system_msg: bool = True) -> str:
+    """The text a model answers after: ``messages`` (with the empty system message of
+    ``maybe_insert_system_message`` when ``auto_insert_empty_system_msg``) rendered with the
+    generation prompt -- exactly the prompt text of training with ``chat_template_mode:
+    generation_prompt``, and what ``simpo-ds generate`` and the demo sample from."""
+    if auto_insert_empty_system_msg:
+        messages = maybe_insert_system_message(messages, tokenizer)
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt as training encodes it (no special tokens added, BOS first
+    when the tokenizer has one)."""
+    return _with_bos(_encode(tokenizer, text), tokenizer.bos_token_id)
+
+
 def _render_generation_prompt(tokenizer, prompt: list, chosen: dict, rejected: dict) -> tuple[str, str, str]:
-    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    prompt_text = render_generation_prompt(tokenizer, prompt, auto_insert_empty_system_msg=False)
     answers = []
     for key, message in (("chosen", chosen), ("rejected", rejected)):
         full = _render(tokenizer, prompt + [message])

@@ -1,0 +1,203 @@
+"""``simpo-ds score``: a reward per generated answer.
+
+    simpo-ds score --data DIR --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code true
+    simpo-ds score --data DIR --scorer my_rules:score          # or path/to/file.py:score
+    torchrun --nproc_per_node 8 launch/score.py --data DIR --reward_model RM ...   # 8 shards
+
+reads ``DIR/generations.jsonl`` (``simpo-ds generate``) and writes ``DIR/scored.jsonl``: the same rows
+with ``all_rm_scores`` (one float per answer). Sharded and resumable like ``generate`` (``DIR/score/``).
+
+Reward model: any ``AutoModelForSequenceClassification``. Each conversation (the prompt messages +
+the answer as an assistant turn) is rendered by the REWARD MODEL's own chat template and encoded as
+``apply_chat_template(tokenize=True)`` encodes it; batches of similar length are right-padded with its
+pad token (one conversation at a time when it has none, so padding never changes a score). The score
+is ``output.score`` when the model returns one (ArmoRM's custom head, ``trust_remote_code``, as its card
+reads it), else ``output.logits[:, 0]`` of a one-label head. A scorer ``fn(prompt, response) -> float``
+gets the row's ``prompt`` (a string, or the message list) and one answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+from simpo_ds.data.tokenize import DataError, is_conversation
+from simpo_ds.onpolicy.generate import OUTPUT as GENERATIONS
+from simpo_ds.onpolicy.generate import _bool, _device_and_dtype
+from simpo_ds.onpolicy.jobs import Job, length_batches, rank_and_world, without_launcher_args, read_jsonl, write_jsonl
+
+OUTPUT = "scored.jsonl"
+
+
+def read_generations(path: Path) -> list[dict]:
+    """Rows of a generations file, checked: each names its problem by file, row and key."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i}"
+        if not isinstance(row.get("prompt_id"), str):
+            raise DataError(f"{where}: missing or non-string 'prompt_id'")
+        if not is_conversation(row.get("messages")):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} messages")
+        answers = row.get("all_generated_responses")
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise DataError(f"{where}: 'all_generated_responses' must be a non-empty list of strings")
+    return rows
+
+
+class RewardModel:
+    """A sequence-classification reward model on this rank's device."""
+
+    def __init__(self, path: str, dtype: str, local_rank: int, trust_remote_code: bool):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.torch = torch
+        self.device, torch_dtype = _device_and_dtype(local_rank, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"reward model {path}: its tokenizer has no chat_template to render conversations with")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.pad = self.tokenizer.pad_token_id
+        if self.pad is None:
+            self.pad = self.model.config.pad_token_id
+        self.path = path
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def scores(self, batch: list[list[int]]) -> list[float]:
+        """One reward per token-id list (right-padded together, or one by one without a pad token)."""
+        if self.pad is None and len(batch) > 1:
+            return [s for ids in batch for s in self.scores([ids])]
+        torch = self.torch
+        width = max(len(ids) for ids in batch)
+        pad = self.pad if self.pad is not None else 0
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=self.device)
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, attention_mask=mask)
+        value = getattr(out, "score", None)
+        if value is None:
+            value = out.logits
+            if value.shape[-1] != 1:
+                raise DataError(f"reward model {self.path}: its head has {value.shape[-1]} labels and no 'score' "
+                                f"output; score with a one-label reward model or --scorer")
+        return value.float().reshape(len(batch), -1)[:, 0].tolist()
+
+
+def load_scorer(spec: str):
+    """``module:function`` or ``path/to/file.py:function`` -> the function."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise DataError(f"--scorer {spec!r}: expected module:function or file.py:function")
+    if module_name.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if loaded is None or not Path(module_name).is_file():
+            raise DataError(f"--scorer {spec!r}: no such file {module_name}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise DataError(f"--scorer {spec!r}: cannot import {module_name} ({err})") from err
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise DataError(f"--scorer {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def _checked(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: the score {value!r} is not a finite number")
+    return float(value)
+
+
+def _input_path(data: str) -> Path:
+    path = Path(data)
+    path = path / GENERATIONS if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"--data {data}: no {GENERATIONS} there (run simpo-ds generate first)")
+    return path
+
+
+def run(args) -> Path:
+    """Score this rank's share; merge when every unit is on disk. Returns the output path."""
+    if bool(args.reward_model) == bool(args.scorer):
+        raise DataError("pass exactly one of --reward_model or --scorer")
+    source = _input_path(args.data)
+    out = Path(args.out) if args.out else source.with_name(OUTPUT)
+    if out.resolve() == source.resolve():
+        raise DataError(f"--out {out} is the input file: choose another path")
+    rows = read_generations(source)
+    rank, world, local_rank = rank_and_world()
+    items = [(r, k) for r in range(len(rows)) for k in range(len(rows[r]["all_generated_responses"]))]
+    settings = {"reward_model": args.reward_model, "scorer": args.scorer, "batch_size": args.batch_size,
+                "dtype": args.dtype, "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    job = Job(out.with_name(out.stem + ".parts"), settings)
+    scorer = load_scorer(args.scorer) if args.scorer else None
+    model = None if scorer else RewardModel(args.reward_model, args.dtype, local_rank, args.trust_remote_code)
+
+    def conversation(item):
+        row, k = rows[item[0]], item[1]
+        return row["messages"] + [{"role": "assistant", "content": row["all_generated_responses"][k]}]
+
+    encoded = [model.encode(conversation(it)) for it in items] if model else None
+    lengths = [len(e) for e in encoded] if model else [len(rows[r]["all_generated_responses"][k]) for r, k in items]
+    batches = length_batches(lengths, [f"{rows[r]['prompt_id']}:{k:04d}" for r, k in items], args.batch_size)
+    todo = job.todo(len(batches), rank, world)
+    print(f"score: rank {rank}/{world}: {len(items)} answers in {len(batches)} batches, {len(todo)} to do here",
+          flush=True)
+    for unit in todo:
+        start, members = time.perf_counter(), batches[unit]
+        if model:
+            values = model.scores([encoded[i] for i in members])
+        else:
+            values = [scorer(rows[items[i][0]]["prompt"], rows[items[i][0]]["all_generated_responses"][items[i][1]])
+                      for i in members]
+        where = [f"{source}: prompt_id {rows[items[i][0]]['prompt_id']}, answer {items[i][1]}" for i in members]
+        job.write_unit(unit, [{"item": i, "score": _checked(v, w)} for i, v, w in zip(members, values, where)])
+        print(f"score: rank {rank}: batch {unit} ({len(members)} answers) in {time.perf_counter() - start:.1f} s",
+              flush=True)
+    if not job.complete(len(batches)):
+        print(f"score: rank {rank} done; the last rank to finish writes {out}", flush=True)
+        return out
+    scores = {r["item"]: r["score"] for r in job.read_units(len(batches))}
+    scored = [dict(row, all_rm_scores=[]) for row in rows]
+    for i, (r, _) in enumerate(items):
+        scored[r]["all_rm_scores"].append(scores[i])
+    write_jsonl(out, scored)
+    print(f"score: wrote {len(items)} scores to {out}", flush=True)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simpo-ds score", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help=f"the generate output directory (or its {GENERATIONS})")
+    p.add_argument("--reward_model", default=None, help="an AutoModelForSequenceClassification directory or id")
+    p.add_argument("--scorer", default=None, help="module:function or file.py:function, fn(prompt, response) -> float")
+    p.add_argument("--out", default=None, help=f"output file (default: {OUTPUT} beside the input)")
+    p.add_argument("--batch_size", type=int, default=8, help="conversations per forward")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--trust_remote_code", type=_bool, default=False, help="needed for ArmoRM's custom head")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(without_launcher_args(sys.argv[1:] if argv is None else argv))
+    try:
+        run(args)
+    except (DataError, FileNotFoundError, OSError) as err:
+        print(f"simpo-ds score: error: {err}", file=sys.stderr)
+        return 2
+    return 0
