@@ -168,6 +168,25 @@ def test_reward_model_scores_equal_a_direct_forward(onpolicy, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_score_output_and_pad_free_scoring(onpolicy):
+    """``output.score`` (ArmoRM's custom head) is read when the model returns one; without a pad token
+    conversations are scored one at a time, to the same values."""
+    from types import SimpleNamespace
+
+    rm = score.RewardModel(onpolicy["rm"], "float32", 0, trust_remote_code=False)
+    batch = [rm.encode([{"role": "user", "content": "w1"}, {"role": "assistant", "content": answer}])
+             for answer in ("w2", "w3 w4")]
+    padded = rm.scores(batch)
+    rm.pad = None
+    assert rm.scores(batch) == pytest.approx(padded, rel=1e-5, abs=1e-6)
+    inner = rm.model
+    rm.model = lambda **kw: SimpleNamespace(score=inner(**kw).logits[:, 0] * 2 + 1, logits=torch.zeros(len(batch), 19))
+    assert rm.scores(batch) == pytest.approx([2 * v + 1 for v in padded], rel=1e-5)
+    rm.model = lambda **kw: SimpleNamespace(logits=torch.zeros(len(batch), 3))
+    with pytest.raises(DataError, match="its head has 3 labels and no 'score' output"):
+        rm.scores(batch)
+
+
 def test_scorer_function_and_its_refusals(onpolicy, tmp_path, capsys):
     rules = tmp_path / "rules.py"
     rules.write_text("def words(prompt, response):\n    return len(response.split())\n\n"
@@ -259,12 +278,16 @@ def test_binarize_refuses_to_overwrite_its_input(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_generate_score_binarize_then_train(onpolicy, tmp_path):
-    """The CLI chain on the 1-process generations, then one training step + eval with a recipe in the
-    reference's format naming the binarized directory."""
+    """The chain on the 1-process generations (score on 2 ranks == 1 process), then one training step
+    + eval with a recipe in the reference's format naming the binarized directory."""
     work = tmp_path / "gen"
     work.mkdir()
     (work / "generations.jsonl").write_bytes((onpolicy["one"] / "generations.jsonl").read_bytes())
-    cli("score", "--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "8")
+    launch("launch/score.py", ["--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "4"], ranks=2)
+    alone = tmp_path / "alone.jsonl"  # the same batches in one process: sharding changes no score
+    score.run(score.parser().parse_args(["--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "4",
+                                         "--out", str(alone)]))
+    assert (work / "scored.jsonl").read_bytes() == alone.read_bytes()
     binarized = cli("binarize", "--data", str(work), "--out", str(tmp_path / "pairs"), "--test_size", "2")
     assert "pairs kept" in binarized.stdout
     kept = len(_rows(tmp_path / "pairs" / "train.jsonl"))
