@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError
@@ -45,7 +46,7 @@ def without_launcher_args(argv: list[str]) -> list[str]:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # unique across nodes
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -64,12 +64,17 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"reward model {path}: its tokenizer has no chat_template to render conversations with")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        self.path, self.model = path, None
+        self.load = lambda: AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad = self.tokenizer.pad_token_id
-        if self.pad is None:
-            self.pad = self.model.config.pad_token_id
-        self.path = path
+
+    def _ready(self) -> None:
+        """Load the weights at the first batch (a rerun with nothing left to score never does)."""
+        if self.model is None:
+            self.model = self.load()
+            if self.pad is None:
+                self.pad = self.model.config.pad_token_id
 
     def encode(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -77,6 +82,7 @@ class RewardModel:
 
     def scores(self, batch: list[list[int]]) -> list[float]:
         """One reward per token-id list (right-padded together, or one by one without a pad token)."""
+        self._ready()
         if self.pad is None and len(batch) > 1:
             return [s for ids in batch for s in self.scores([ids])]
         torch = self.torch
