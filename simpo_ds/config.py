@@ -67,6 +67,7 @@ class SimPOConfig:
     max_tokens_per_microbatch: int = 8192  # token budget of one packed micro-batch (per rank)
     prompt_sharing: bool = False  # one [prompt | chosen | rejected] segment per pair (issue 9)
     sequence_parallel_size: int = 1  # N ranks share one packed row, each computes 1/N of its tokens (Ulysses)
+    tiled_mlp_tokens: int = 0  # > 0: MLPs run over tiles of this many tokens, recomputed in backward (long slices)
 
     # ---- SimPO -------------------------------------------------------------------------------
     beta: float = 2.0  # reward scale
@@ -210,6 +211,8 @@ class SimPOConfig:
             bad("report_to", "supported: wandb, none")
         if self.sequence_parallel_size < 1:
             bad("sequence_parallel_size", "must be >= 1")
+        if self.tiled_mlp_tokens < 0:
+            bad("tiled_mlp_tokens", "must be >= 0 (0: off; DeepSpeed's ALST recipe tiles by hidden_size tokens)")
         if self.sequence_parallel_size > 1 and (self.prompt_sharing or not self.packing):
             bad("sequence_parallel_size", "needs packing: true and prompt_sharing: false (a sliced row is a "
                 "packed varlen row; the prompt-sharing mask has no sequence-parallel kernel)")

@@ -32,6 +32,7 @@ the query heads when num_key_value_heads % N != 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -199,3 +200,37 @@ def check_heads(config, size: int) -> None:
                          "(Ulysses gives each rank heads/N heads)")
     if kv % size and size % kv:
         raise ValueError(f"sequence_parallel_size={size}: num_key_value_heads={kv} neither divides nor is divided by it")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory knob for long slices: DeepSpeed's tiled MLP
+# ---------------------------------------------------------------------------------------------
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def agreed_tiles(tokens: int, tokens_per_tile: int, device: torch.device) -> int:
+    """ceil(tokens / tokens_per_tile), the largest over all ranks: under ZeRO-3 every rank must call the
+    projections (and all-gather their weights) the same number of times."""
+    tiles = torch.tensor([-(-tokens // tokens_per_tile)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tiles, op=dist.ReduceOp.MAX)
+    return max(int(tiles.item()), 1)
+
+
+def tile_mlps(model: torch.nn.Module, tokens_per_tile: int) -> int:
+    """Run every gated MLP of ``model`` (a module with gate_proj, up_proj and down_proj) over tiles of at
+    most ``tokens_per_tile`` tokens with DeepSpeed's ``TiledMLP``: only the MLP input is kept for
+    backward, which recomputes each tile (the [T, intermediate] activations of a long slice never exist
+    at once). Exact: an MLP acts on each token alone. Returns how many MLPs were tiled."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def tiled(module, plain, x):
+        tiles = agreed_tiles(x.shape[-2], tokens_per_tile, x.device)
+        return TiledMLP.apply(lambda _, part: plain(part), module, x, tiles, list(module.parameters()))
+
+    count = 0
+    for module in model.modules():
+        if all(isinstance(getattr(module, name, None), torch.nn.Module) for name in MLP_PROJECTIONS):
+            module.forward = partial(tiled, module, module.forward)
+            count += 1
+    return count

@@ -254,6 +254,12 @@ class Trainer:
             model = load_model(cfg, self.dtype, self.attn_impl)
         else:
             model = prepare_model(self._model_arg, cfg)
+        if cfg.tiled_mlp_tokens:
+            tiled = sequence_parallel.tile_mlps(model, cfg.tiled_mlp_tokens)
+            if not tiled:
+                raise ConfigError("config key 'tiled_mlp_tokens': the model has no gated MLP (gate_proj, up_proj, "
+                                  "down_proj) to tile")
+            logger.info("tiled MLP: %d MLPs run in tiles of %d tokens", tiled, cfg.tiled_mlp_tokens)
         self.policy = SimPOPolicy(
             model, chunk_size=cfg.logits_chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, self.base_attn_impl),
             sequence_parallel=self.sp,
@@ -608,6 +614,9 @@ class Trainer:
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
         logger.info("resumed from %s at step %d", path, self.step)
+        saved_sp = client_state.get("config", {}).get("sequence_parallel_size", 1)
+        if saved_sp != self.sp.size:  # allowed: a step's loss is the mean over its pairs however rows are split
+            logger.info("the checkpoint trained with sequence_parallel_size=%d, this run uses %d", saved_sp, self.sp.size)
 
     def export(self, out_dir: Path) -> None:
         """``out_dir``: safetensors + tokenizer loadable by plain transformers (all ranks call)."""

@@ -131,10 +131,13 @@ def train_args(assets, out: Path, *extra: str) -> list[str]:
 
 
 def test_resume_equals_uninterrupted(assets, tmp_path):
-    """Train 4 steps saving at 2; a new run resumed from step 2 logs the same steps 3-4."""
+    """Train 4 steps saving at 2; a new run resumed from step 2 logs the same steps 3-4. Both under
+    sequence parallelism (N = 2: the 2 ranks share each row); resuming without it is covered by
+    test_preemption and test_multinode."""
     full = tmp_path / "full"
+    sp = ["--sequence_parallel_size", "2"]
     launch("tests/dist_worker.py", train_args(assets, full, "--max_steps", "4", "--save_steps", "2",
-                                              "--save_final", "false"), ranks=2)
+                                              "--save_final", "false", *sp), ranks=2)
     assert sorted(p.name for p in (full / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
     assert (full / "checkpoints" / "latest").read_text() == "step_4"
     resumed = tmp_path / "resumed"
@@ -144,7 +147,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
     (resumed / "checkpoints" / "latest").write_text("step_2")
     launch("tests/dist_worker.py", train_args(assets, resumed, "--max_steps", "4", "--save_final", "false",
-                                              "--resume_from_checkpoint", "latest"), ranks=2)
+                                              "--resume_from_checkpoint", "latest", *sp), ranks=2)
     expected = {r["step"]: r for r in read_metrics(full)}
     got = read_metrics(resumed)
     assert [r["step"] for r in got] == [3, 4]

@@ -130,6 +130,37 @@ def test_sliced_row_equals_whole_row_logps_and_grads(world, kv_heads):
         assert all(e <= 1e-5 for e in errors.values()), (rank, errors)
 
 
+def test_tiled_mlp_equals_plain_mlp():
+    """tile_mlps: the per-sequence log-probs and every gradient of a packed row == the untiled model;
+    the projections really run tile by tile (forward, and again in backward)."""
+    from tiny_models import tiny_model
+
+    from simpo_ds.attention import SDPA_VARLEN, attention_kwargs, register_attention
+    from simpo_ds.model import SimPOPolicy
+
+    register_attention()
+    batch = collate_packed(cases()["cut-in-answer"] + cases()["odd-length"])
+    results, calls = [], []
+    for tiled in (False, True):
+        model = tiny_model()
+        model.config._attn_implementation = SDPA_VARLEN
+        if tiled:
+            assert spm.tile_mlps(model, tokens_per_tile=8) == model.config.num_hidden_layers
+        down = model.model.layers[0].mlp.down_proj
+        handle = down.register_forward_hook(lambda *_: calls.append(tiled))
+        policy = SimPOPolicy(model, chunk_size=4, attn_kwargs_fn=lambda b: attention_kwargs(b, SDPA_VARLEN))
+        seq = policy(batch)
+        (seq.average * torch.arange(1.0, len(seq.average) + 1)).sum().backward()
+        handle.remove()
+        results.append((seq.average.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for name, grad in ref_grads.items():  # relative to the gradient's largest entry, as everywhere
+        assert float((got_grads[name] - grad).abs().max() / grad.abs().max()) <= 1e-5, name
+    tiles = -(-batch["input_ids"].shape[1] // 8)
+    assert calls.count(False) == 1 and calls.count(True) == 2 * tiles and tiles > 2
+
+
 def test_heads_are_checked():
     from tiny_models import tiny_config
 
@@ -150,8 +181,8 @@ def test_heads_are_checked():
 @pytest.mark.parametrize(
     "ds_config,extra",
     [("ds_configs/zero3.json", []), ("ds_configs/zero2.json", []), ("ds_configs/zero1.json", []),
-     ("ds_configs/zero3.json", ["--gradient_checkpointing", "true"])],
-    ids=["zero3", "zero2", "zero1", "zero3-gradient-checkpointing"],
+     ("ds_configs/zero3_offload.json", ["--gradient_checkpointing", "true", "--tiled_mlp_tokens", "8"])],
+    ids=["zero3", "zero2", "zero1", "zero3-offload-gradient-checkpointing-tiled-mlp"],
 )
 def test_two_ranks_one_group_equal_reference(assets, reference, tmp_path, ds_config, extra):  # noqa: F811
     """Step-1 loss, every metric and every gradient == the single-process padded reference; tokens
@@ -162,7 +193,8 @@ def test_two_ranks_one_group_equal_reference(assets, reference, tmp_path, ds_con
     args = ["--dump", str(dump), "--model_name_or_path", assets["model"], "--train_data", assets["train"],
             "--output_dir", str(out), "--ds", ds_config, "--max_steps", "1", "--save_final", "false",
             "--max_tokens_per_microbatch", "40", *COMMON, *SP2, *extra, *evaluate]
-    launch("tests/dist_worker.py", args, ranks=2)
+    _, log = launch("tests/dist_worker.py", args, ranks=2)
+    assert ("tiled MLP: 2 MLPs run in tiles of 8 tokens" in log) == ("--tiled_mlp_tokens" in extra)
     metrics, saved = read_metrics(out)[0], torch.load(dump)
     check_against_reference(metrics, saved, reference)
     data = _data(assets["train"])
