@@ -2,6 +2,7 @@
 
     python -m bench.long_pairs                       # 4k / 16k / 32k-token pairs, ~6 min on 2 cores
     python -m bench.long_pairs --tokens 1024 --no-write   # seconds
+    python -m bench.long_pairs --tiled-mlp --tokens 16384,32768   # tiled_mlp_tokens on / off at N = 2
 
 One pair of T tokens (prompt T/4 twice, answers 3T/8 and T/8: the chosen sequence is 5T/8 long) trains
 for 2 optimizer steps (the first is warm-up) with ``launch/train.py`` under the deepspeed launcher:
@@ -33,13 +34,13 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
 VOCAB = 1024
 
 
-def make_assets(out: Path) -> str:
+def make_assets(out: Path, name: str = "model", **shape) -> str:
     from bench.make_data import make_model, make_tokenizer
 
-    model_dir = out / "model"
+    model_dir = out / name
     if not (model_dir / "config.json").is_file():
         tokenizer = make_tokenizer(VOCAB)
-        model = make_model(tokenizer, 0, **SHAPE)
+        model = make_model(tokenizer, 0, **{**SHAPE, **shape})
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     return str(model_dir)
@@ -56,15 +57,15 @@ def pair_file(out: Path, tokens: int) -> tuple[str, int]:
     return str(path), 2 * prompt + chosen + rejected
 
 
-def run(out: Path, model: str, tokens: int, n: int) -> dict:
+def run(out: Path, model: str, tokens: int, n: int, *extra: str) -> dict:
     data, total = pair_file(out, tokens)
-    run_dir = out / f"run_{tokens}_n{n}"
+    run_dir = out / f"run_{Path(model).name}_{tokens}_n{n}{'_'.join(('',) + extra[1::2])}"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port",
            str(29700 + n + tokens % 97), "launch/train.py", "--model_name_or_path", model, "--train_data", data,
            "--output_dir", str(run_dir), "--ds", "ds_configs/zero2.json", "--max_steps", "2", "--train_batch_size",
            "1", "--max_tokens_per_microbatch", str(total), "--max_length", str(total), "--max_prompt_length",
            str(total - 1), "--sequence_parallel_size", str(n), "--gradient_checkpointing", "true", "--torch_dtype",
-           "float32", "--learning_rate", "1e-4", "--save_final", "false", "--report_to", "none"]
+           "float32", "--learning_rate", "1e-4", "--save_final", "false", "--report_to", "none", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(max(2 // n, 1))}
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -105,9 +106,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default="4096,16384,32768", help="pair lengths (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "long_pairs"))
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    parser.add_argument("--tiled-mlp", action="store_true", help="only the tiled-MLP comparison (tiled_mlp_tokens)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tiled_mlp:
+        return tiled_mlp(out, [int(t) for t in args.tokens.split(",")], not args.no_write)
     model = make_assets(out)
     lengths = [int(t) for t in args.tokens.split(",")]
     baseline = {n: run(out, model, 256, n)["peak_gib"] for n in (1, 2)}
@@ -120,6 +124,38 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
         write_section("long_pairs", text)
+
+
+WIDE_MLP = dict(intermediate_size=2048)  # MLP 16x hidden: the MLP's share of a real model's activations
+
+
+def tiled_mlp(out: Path, lengths: list[int], write: bool) -> None:
+    """N = 2, a model whose MLP dominates the activations (intermediate 16x hidden), with and without
+    ``tiled_mlp_tokens: 128`` (DeepSpeed's rule: tiles of hidden_size tokens)."""
+    model = make_assets(out, "wide_mlp", **WIDE_MLP)
+    base = run(out, model, 256, 2)["peak_gib"]
+    rows = []
+    for tokens in lengths:
+        for extra in ((), ("--tiled_mlp_tokens", "128")):
+            rows.append({**run(out, model, tokens, 2, *extra), "tiled": bool(extra)})
+            print(json.dumps(rows[-1]), flush=True)
+    lines = ["## Long pairs: tiled MLP (N = 2, CPU)", "",
+             "`python -m bench.long_pairs --tiled-mlp` — the runs above at N = 2 on a model whose MLP is 16x wide "
+             f"({WIDE_MLP['intermediate_size']} vs hidden 128, so its activations weigh as in real models), gradient "
+             "checkpointing on, with and without `tiled_mlp_tokens: 128` (DeepSpeed's TiledMLP; tiles of hidden_size "
+             "tokens, as its ALST recipe). Activation memory = peak RSS minus the 256-token run's "
+             f"({base:.2f} GiB).", "",
+             "| pair tokens | tiled MLP | peak RSS per rank (GiB) | activation memory per rank (GiB) | vs untiled "
+             "| real tokens/s | step loss |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plain = next(p for p in rows if p["tokens"] == r["tokens"] and not p["tiled"])
+        lines.append(f"| {r['tokens']} | {'yes' if r['tiled'] else 'no'} | {r['peak_gib']:.2f} | "
+                     f"{r['peak_gib'] - base:.2f} | {(r['peak_gib'] - base) / (plain['peak_gib'] - base):.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['loss']:.6f} |")
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section("long_pairs_tiled_mlp", text)
 
 
 if __name__ == "__main__":
