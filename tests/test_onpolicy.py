@@ -283,13 +283,16 @@ def test_generate_score_binarize_then_train(onpolicy, tmp_path):
     work = tmp_path / "gen"
     work.mkdir()
     (work / "generations.jsonl").write_bytes((onpolicy["one"] / "generations.jsonl").read_bytes())
-    launch("launch/score.py", ["--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "4"], ranks=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "launch/score.py"]
+    done = subprocess.run([*torchrun, "--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "4"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "rank 1/2" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     alone = tmp_path / "alone.jsonl"  # the same batches in one process: sharding changes no score
     score.run(score.parser().parse_args(["--data", str(work), "--reward_model", onpolicy["rm"], "--batch_size", "4",
                                          "--out", str(alone)]))
     assert (work / "scored.jsonl").read_bytes() == alone.read_bytes()
-    binarized = cli("binarize", "--data", str(work), "--out", str(tmp_path / "pairs"), "--test_size", "2")
-    assert "pairs kept" in binarized.stdout
+    assert binarize.main(["--data", str(work), "--out", str(tmp_path / "pairs"), "--test_size", "2"]) == 0
     kept = len(_rows(tmp_path / "pairs" / "train.jsonl"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model_name_or_path: {onpolicy['model']}\ntorch_dtype: float32\nattn_implementation: sdpa\n"
