@@ -27,14 +27,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from simpo_ds.data.tokenize import DataError, is_conversation
-from simpo_ds.onpolicy.jobs import read_jsonl, write_atomic, write_jsonl
+from simpo_ds.onpolicy.jobs import command, read_jsonl, write_atomic, write_jsonl
 from simpo_ds.onpolicy.score import OUTPUT as SCORED
 
 IDENTICAL, TIED, SAME_TEXT, EMPTY = ("all answers identical", "all scores tied", "best and worst answers identical",
@@ -203,10 +202,4 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, OSError) as err:
-        print(f"simpo-ds binarize: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return command("binarize", parser, run, argv)

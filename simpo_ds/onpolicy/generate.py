@@ -15,8 +15,9 @@ generation prompt, BOS as training encodes it). Each batch of prompts (a job uni
 ``DIR/generations.parts/``) is sampled with a seed derived from ``--seed`` and its prompt ids, and
 batches are the same for any number of ranks: 1 rank, 8 ranks and a resumed run give the same
 answers. Backend: vLLM when it is installed and a GPU is present (``--backend auto``), else
-transformers batched generation (left padding, KV cache, batches by prompt length). Sampling is plain temperature + top-p (no top-k, no repetition
-penalty, whatever the model's generation_config says), as the reference's vLLM decoding.
+transformers batched generation (left padding, KV cache, batches by prompt length). Sampling is
+plain temperature + top-p (no top-k, no repetition penalty, whatever the model's generation_config
+says), as the reference's vLLM decoding.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import argparse
 import hashlib
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, encode_prompt, render_generation_prompt
-from simpo_ds.onpolicy.jobs import Job, length_batches, rank_and_world, without_launcher_args, write_jsonl
+from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, rank_and_world,
+                                   write_jsonl)
 from simpo_ds.onpolicy.prompts import load_prompts
 
 OUTPUT = "generations.jsonl"
@@ -54,15 +55,6 @@ def pick_backend(name: str) -> str:
     return "vllm" if torch.cuda.is_available() else "transformers"
 
 
-def _device_and_dtype(local_rank: int, dtype: str):
-    import torch
-
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, dtype)
-
-
 class TransformersSampler:
     """Batched ``model.generate`` with left padding and the KV cache."""
 
@@ -70,7 +62,7 @@ class TransformersSampler:
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        self.device, dtype = _device_and_dtype(local_rank, args.dtype)
+        self.device, dtype = device_and_dtype(local_rank, args.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(self.device).eval()
         self.tokenizer, self.torch = tokenizer, torch
         eos = self.model.generation_config.eos_token_id
@@ -193,23 +185,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="prompts per batch (each gives num_samples rows)")
     p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--auto_insert_empty_system_msg", type=_bool, default=True)
+    p.add_argument("--auto_insert_empty_system_msg", type=parse_bool, default=True)
     p.add_argument("--chat_template", default=None, help="a jinja template (or a file) replacing the tokenizer's")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (by prompt_id)")
     return p
 
 
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(without_launcher_args(sys.argv[1:] if argv is None else argv))
-    try:
-        run(args)
-    except (DataError, FileNotFoundError, OSError) as err:
-        print(f"simpo-ds generate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return command("generate", parser, run, argv)

@@ -17,9 +17,11 @@ or several plain processes with RANK/WORLD_SIZE set).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError
@@ -41,6 +43,17 @@ def rank_and_world() -> tuple[int, int, int]:
 def without_launcher_args(argv: list[str]) -> list[str]:
     """``argv`` minus the ``--local_rank=N`` the deepspeed launcher adds (LOCAL_RANK is in the env)."""
     return [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+
+
+def command(name: str, parser, run, argv: list[str] | None) -> int:
+    """``simpo-ds NAME``: parse (launcher arguments dropped), run; bad input -> its message, exit 2."""
+    args = parser().parse_args(without_launcher_args(sys.argv[1:] if argv is None else argv))
+    try:
+        run(args)
+    except (DataError, OSError) as err:
+        print(f"simpo-ds {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -112,3 +125,19 @@ def length_batches(lengths: list[int], keys: list[str], batch_size: int) -> list
     the same batches whatever the number of ranks."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], keys[i]))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def device_and_dtype(local_rank: int, dtype: str):
+    """(this rank's device, the torch dtype of ``dtype``: auto = bf16 on a GPU, fp32 on CPU)."""
+    import torch
+
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, dtype)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")

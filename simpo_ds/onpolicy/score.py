@@ -23,14 +23,13 @@ import hashlib
 import importlib
 import importlib.util
 import math
-import sys
 import time
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, is_conversation
 from simpo_ds.onpolicy.generate import OUTPUT as GENERATIONS
-from simpo_ds.onpolicy.generate import _bool, _device_and_dtype
-from simpo_ds.onpolicy.jobs import Job, length_batches, rank_and_world, without_launcher_args, read_jsonl, write_jsonl
+from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, rank_and_world,
+                                   read_jsonl, write_jsonl)
 
 OUTPUT = "scored.jsonl"
 
@@ -60,7 +59,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.torch = torch
-        self.device, torch_dtype = _device_and_dtype(local_rank, dtype)
+        self.device, torch_dtype = device_and_dtype(local_rank, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"reward model {path}: its tokenizer has no chat_template to render conversations with")
@@ -195,15 +194,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"output file (default: {OUTPUT} beside the input)")
     p.add_argument("--batch_size", type=int, default=8, help="conversations per forward")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    p.add_argument("--trust_remote_code", type=_bool, default=False, help="needed for ArmoRM's custom head")
+    p.add_argument("--trust_remote_code", type=parse_bool, default=False, help="needed for ArmoRM's custom head")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(without_launcher_args(sys.argv[1:] if argv is None else argv))
-    try:
-        run(args)
-    except (DataError, FileNotFoundError, OSError) as err:
-        print(f"simpo-ds score: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return command("score", parser, run, argv)
