@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, encode_prompt, render_generation_prompt
-from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, rank_and_world,
-                                   write_jsonl)
+from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
+                                   rank_and_world, write_jsonl)
 from simpo_ds.onpolicy.prompts import load_prompts
 
 OUTPUT = "generations.jsonl"
@@ -100,7 +100,7 @@ class VllmSampler:
     def __init__(self, args, tokenizer, local_rank: int):
         from vllm import LLM, SamplingParams
 
-        self.llm = LLM(model=args.model, seed=args.seed, dtype="auto" if args.dtype == "auto" else args.dtype)
+        self.llm = LLM(model=args.model, seed=args.seed, dtype=args.dtype)  # on the one GPU pin_gpu left visible
         self.params, self.args = SamplingParams, args
 
     def sample(self, prompt_ids: list[list[int]], seed: int) -> list[list[tuple[str, bool]]]:
@@ -134,6 +134,7 @@ def run(args) -> Path:
 
     _check(args)
     rank, world, local_rank = rank_and_world()
+    local_rank = pin_gpu(local_rank, world)
     prompts = load_prompts(args.prompts, args.limit)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.chat_template:

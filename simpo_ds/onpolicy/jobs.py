@@ -40,6 +40,18 @@ def rank_and_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def pin_gpu(local_rank: int, world: int) -> int:
+    """With several ranks, show each only its own GPU (``CUDA_VISIBLE_DEVICES``; vLLM takes the first
+    visible one) -> the device index to use, 0. Must run before anything initializes CUDA; harmless on
+    CPU. One process keeps what it sees (and uses its first device)."""
+    if world == 1:
+        return local_rank
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) != 1:  # unset, or a node's list: pick this rank's entry
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank] if local_rank < len(visible) else str(local_rank)
+    return 0
+
+
 def without_launcher_args(argv: list[str]) -> list[str]:
     """``argv`` minus the ``--local_rank=N`` the deepspeed launcher adds (LOCAL_RANK is in the env)."""
     return [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, is_conversation
 from simpo_ds.onpolicy.generate import OUTPUT as GENERATIONS
-from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, rank_and_world,
-                                   read_jsonl, write_jsonl)
+from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
+                                   rank_and_world, read_jsonl, write_jsonl)
 
 OUTPUT = "scored.jsonl"
 
@@ -146,6 +146,7 @@ def run(args) -> Path:
         raise DataError(f"--out {out} is the input file: choose another path")
     rows = read_generations(source)
     rank, world, local_rank = rank_and_world()
+    local_rank = pin_gpu(local_rank, world)
     items = [(r, k) for r in range(len(rows)) for k in range(len(rows[r]["all_generated_responses"]))]
     settings = {"reward_model": args.reward_model, "scorer": args.scorer, "batch_size": args.batch_size,
                 "dtype": args.dtype, "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
