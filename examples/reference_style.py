@@ -17,6 +17,7 @@ from simpo_ds import SimPOTrainer
 from simpo_ds.cli import _split_args
 from simpo_ds.config import load_config
 from simpo_ds.data.load import load_pairs
+from simpo_ds.engine import shutdown_distributed
 
 
 def main(argv):
@@ -59,6 +60,7 @@ def main(argv):
         print(f"Training loss: {train_result.training_loss:.4f} after {train_result.global_step} steps")
         results = {"global_step": train_result.global_step, **train_result.metrics, **eval_metrics}
         Path(training_args.output_dir, "all_results.json").write_text(json.dumps(results, indent=1))
+    shutdown_distributed()  # destroy the process groups before exit (a gloo teardown can abort otherwise)
 
 
 if __name__ == "__main__":

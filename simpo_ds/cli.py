@@ -64,6 +64,9 @@ def train_main(argv: list[str]) -> int:
 
         trainer = Trainer(cfg)
         trainer.train()
+        from simpo_ds.engine import shutdown_distributed
+
+        shutdown_distributed()  # every rank got here: the run ended well
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"simpo-ds: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

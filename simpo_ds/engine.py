@@ -106,6 +106,20 @@ def init_distributed(timeout_s: int = 300) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process groups at the end of a run that ended well on every rank (after a barrier).
+
+    A process that exits with its gloo groups alive can abort during interpreter teardown ("terminate
+    called without an active exception", SIGABRT: pytorch/pytorch#190489), failing a finished job.
+    Not for a failed run: its peers may be stuck in a collective, and destroying would wait on them.
+    """
+    global _wait_group
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+        _wait_group = None
+
+
 def _unlink_shm_buffers() -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
 

@@ -16,6 +16,7 @@ from simpo_ds import SimPOTrainer
 from simpo_ds.cli import _split_args
 from simpo_ds.config import load_config
 from simpo_ds.data.load import load_pairs
+from simpo_ds.engine import shutdown_distributed
 
 
 class StopAtTwo(TrainerCallback):
@@ -56,6 +57,7 @@ def main(argv):
     trainer = SimPOTrainer(model=args.model_name_or_path, args=args, train_dataset=load_pairs(args.train_data),
                            eval_dataset=load_pairs(args.eval_data), callbacks=[StopAtTwo(out)])
     trainer.train()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

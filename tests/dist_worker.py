@@ -100,6 +100,7 @@ def main(argv):
             logits = trainer.policy.model(input_ids=PROBE_IDS.to(trainer.device), use_cache=False).logits
         if trainer.rank == 0:
             torch.save(logits.float().cpu(), dump_logits)
+    ds.shutdown_distributed()
 
 
 if __name__ == "__main__":
