@@ -152,6 +152,13 @@ def test_smollm2_zero3_two_ranks_train_and_eval_equal_reference(two_ranks, expec
     assert_metrics_close(evals[0], expected[0])  # before training: the reference model's numbers
 
 
+def test_smollm2_zero3_one_rank_equals_two_ranks(smollm2, train_file, two_ranks, expected, tmp_path):
+    one = check_step(run(smollm2, train_file, tmp_path, ranks=1), expected)
+    (two,) = read_metrics(two_ranks)
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert abs(one[name] - two[name]) <= 1e-6 * abs(two[name]), (name, one[name], two[name])
+
+
 def test_smollm2_zero3_lora_with_gradient_checkpointing_equals_reference(smollm2, train_file, data, tmp_path):
     """LoRA with gradient checkpointing (one run for both, to keep CI short; so does the 33k-vocab tier
     in tests/test_lockstep.py): the reference gets the run's initial adapters (lora_B = 0,
