@@ -1,10 +1,15 @@
 """simpo-ds: DeepSpeed-native SimPO with exact multi-pair sequence packing."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# the one place the version is written: simpo_ds/__init__.py
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("simpo_ds/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="simpo-ds",
-    version="0.1.1",
+    version=VERSION,
     description="DeepSpeed-native SimPO trainer with exact varlen sequence packing",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -4,12 +4,11 @@
     deepspeed --num_gpus 2 examples/reference_style.py --config recipe.yaml [--key value ...]
 
 1. parse the config, 2. load the datasets, 3. build the tokenizer, 4. LoRA config when asked,
-5. SimPOTrainer(model=name, ...), 6. train(), 7. evaluate(), 8. save_model().
+5. SimPOTrainer(model=name, ...), 6. train(), 7. save_model(output_dir) and the model card,
+8. evaluate(), 9. push_to_hub() — the reference's own last lines.
 """
 
-import json
 import sys
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -52,14 +51,31 @@ def main(argv):
         peft_config=peft_config,
     )
 
-    # 6-8. train, evaluate, save
-    train_result = trainer.train()
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
-    trainer.save_model(str(Path(training_args.output_dir) / "final"))
-    if trainer.rank == 0:
-        print(f"Training loss: {train_result.training_loss:.4f} after {train_result.global_step} steps")
-        results = {"global_step": train_result.global_step, **train_result.metrics, **eval_metrics}
-        Path(training_args.output_dir, "all_results.json").write_text(json.dumps(results, indent=1))
+    # 6-9. the reference script's last lines, verbatim: train, metrics, save, model card, evaluate, push
+    train_result = trainer.train()  # a preempted run raises TrainingPreempted here (exit 3, checkpoint saved)
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    trainer.save_model(training_args.output_dir)  # model files only: checkpoints/ and metrics.jsonl stay
+
+    kwargs = {"finetuned_from": training_args.model_name_or_path, "dataset": [training_args.train_data],
+              "tags": ["alignment-handbook"]}
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(**kwargs)
+        trainer.model.config.use_cache = True
+        trainer.model.config.save_pretrained(training_args.output_dir)
+
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if training_args.push_to_hub is True:
+        trainer.push_to_hub(**kwargs)
     shutdown_distributed()  # destroy the process groups before exit (a gloo teardown can abort otherwise)
 
 

@@ -6,13 +6,13 @@ imported by ``simpo_ds.engine`` alone.
 
 from simpo_ds.config import ConfigError, SimPOConfig
 
-__all__ = ["ConfigError", "SimPOConfig", "SimPOTrainer"]
+__all__ = ["ConfigError", "SimPOConfig", "SimPOTrainer", "TrainingPreempted"]
 
 
 def __getattr__(name):  # SimPOTrainer imports DeepSpeed: only when asked for
-    if name == "SimPOTrainer":
-        from simpo_ds.api import SimPOTrainer
+    if name in ("SimPOTrainer", "TrainingPreempted"):
+        from simpo_ds import api
 
-        return SimPOTrainer
+        return getattr(api, name)
     raise AttributeError(f"module 'simpo_ds' has no attribute {name!r}")
-__version__ = "0.1.0"
+__version__ = "0.1.2"  # the one place (setup.py reads it)

@@ -7,7 +7,9 @@ A script written against the reference ports by changing one import::
     trainer = SimPOTrainer(model="path/or/hub-id", args=SimPOConfig(...), train_dataset=train,
                            eval_dataset=test, tokenizer=tokenizer, peft_config=lora_config)
     result = trainer.train()          # TrainOutput(global_step, training_loss, metrics)
-    trainer.save_model(output_dir)    # plain transformers model (consolidated under ZeRO-3)
+    trainer.save_model(output_dir)    # plain transformers model (consolidated under ZeRO-3); only model files
+    trainer.push_to_hub()             # with hub_model_id; log_metrics / save_metrics / save_state /
+                                      # create_model_card / accelerator.is_main_process as the reference uses them
 
 It IS the CLI's ``Trainer`` (same setup, loop, checkpoints and export); this class adds the reference
 constructor and method names. Reference methods keep their meaning but work on packed batches:
@@ -16,17 +18,28 @@ constructor and method names. Reference methods keep their meaning but work on p
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from transformers.trainer_utils import TrainOutput
 
+from simpo_ds import hub
+from simpo_ds.cli import EXIT_PREEMPTED
 from simpo_ds.config import ConfigError, SimPOConfig
 from simpo_ds.data.packing import collate_packed
 from simpo_ds.data.tokenize import tokenize_row as _tokenize_row
 from simpo_ds.loss import StepNormalizer, finalize_metrics, get_batch_logps, microbatch_loss, simpo_loss
 from simpo_ds.model import SimPOPolicy
+from simpo_ds.engine import barrier, local_rank, shutdown_distributed
+from simpo_ds.io import write_atomic
 from simpo_ds.trainer import PairData, Trainer
+
+logger = logging.getLogger("simpo_ds")
 
 _UNSUPPORTED = {
     "data_collator": "simpo-ds packs pairs itself (DESIGN §3); drop data_collator, or set packing=False "
@@ -137,17 +150,25 @@ class SimPOTrainer(Trainer):
         return (loss, metrics) if return_outputs else loss
 
     # ---- Trainer-style entry points ------------------------------------------------------------
+    EXPORTS_FINAL = False  # the script exports (save_model) and pushes (push_to_hub), as with the reference
+
     def train(self, resume_from_checkpoint: Optional[str] = None) -> TrainOutput:
+        """Train to the end -> TrainOutput. A run stopped by SIGTERM/SIGUSR1 (preemption) saves a
+        checkpoint and raises :class:`TrainingPreempted` (exit code 3 unless caught), so a script
+        never goes on to export a half-trained model as its final one."""
         if resume_from_checkpoint is not None:
             if self.engine is not None:
                 raise ValueError("resume_from_checkpoint must be given before the trainer is set up")
             self.cfg.resume_from_checkpoint = "latest" if resume_from_checkpoint is True else str(resume_from_checkpoint)
-        save_final, self.cfg.save_final = self.cfg.save_final, False  # save_model() exports on request
-        try:
-            metrics = super().train()
-        finally:
-            self.cfg.save_final = save_final
+        started = time.time()
+        metrics = super().train()
+        if self.preempted:
+            shutdown_distributed()  # every rank stopped here together; a live gloo group can abort the exit
+            raise TrainingPreempted(self.step)
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        runtime = time.time() - started
+        metrics.update(train_runtime=runtime, epoch=self.epoch,
+                       train_steps_per_second=(self.step - self.start_step) / max(runtime, 1e-9))
         return TrainOutput(global_step=self.step, training_loss=metrics["train_loss"], metrics=metrics)
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval", **kwargs) -> dict:
@@ -164,12 +185,96 @@ class SimPOTrainer(Trainer):
             out.update({f"{tag}{k}": v for k, v in metrics.items()})
         return out
 
-    def save_model(self, output_dir: Optional[str] = None) -> None:
-        """Write a plain-transformers model (+ tokenizer) to ``output_dir`` (default output_dir/final)."""
-        from pathlib import Path
-
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Write a plain-transformers model (+ tokenizer) to ``output_dir`` (default: the run's
+        output_dir, as the transformers Trainer). Only model files there are written or replaced:
+        ``checkpoints/``, ``metrics.jsonl`` and anything else in the directory stay. With
+        ``push_to_hub: true`` the directory is then pushed ("Model save"), as the transformers Trainer
+        does. Every rank calls it (the ZeRO-3 weights are gathered)."""
         self.setup()
-        self.export(Path(output_dir) if output_dir else Path(self.cfg.output_dir) / "final")
+        self.export(Path(output_dir or self.cfg.output_dir))
+        if self.cfg.push_to_hub and not _internal_call:
+            self._push(Path(output_dir or self.cfg.output_dir), "Model save")
+
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token: Optional[str] = None,
+                    revision: Optional[str] = None, **model_card_kwargs) -> Optional[str]:
+        """The transformers Trainer's ``push_to_hub``: export to output_dir, write its model card
+        (``model_card_kwargs``: finetuned_from, dataset, tags, ...), upload output_dir to
+        ``hub_model_id`` without checkpoints/ -> the commit URL on rank 0 (None elsewhere). Every rank
+        calls it. ``blocking`` is accepted; the upload always completes before it returns."""
+        if not self.cfg.hub_model_id:
+            raise ConfigError("push_to_hub(): config key 'hub_model_id' names no hub repository")
+        self.save_model(self.cfg.output_dir, _internal_call=True)
+        self.create_model_card(**model_card_kwargs)
+        return self._push(Path(self.cfg.output_dir), commit_message, revision=revision, token=token)
+
+    def _push(self, folder: Path, commit_message: str, revision: Optional[str] = None,
+              token: Optional[str] = None) -> Optional[str]:
+        url = None
+        if self.rank == 0:
+            url = hub.push(folder, self.cfg.hub_model_id, commit_message, revision=revision, token=token)
+            logger.info("pushed %s to %s: %s", folder, self.cfg.hub_model_id, url)
+        barrier()
+        return url
+
+    # ---- the reference script's last lines (transformers Trainer names) ------------------------
+    @property
+    def model(self):
+        """The Hugging Face model being trained (loaded on first use; partitioned under ZeRO-3, its
+        ``config`` is whole)."""
+        self.setup()
+        return self.policy.causal_lm
+
+    @property
+    def accelerator(self) -> SimpleNamespace:
+        """What the reference script asks of ``trainer.accelerator``: which process this is, and a barrier."""
+        return SimpleNamespace(is_main_process=self.rank == 0, is_local_main_process=local_rank() == 0,
+                               process_index=self.rank, num_processes=self.world_size, wait_for_everyone=barrier)
+
+    def is_world_process_zero(self) -> bool:
+        return self.rank == 0
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print ``metrics`` on rank 0, one ``key = value`` line each (transformers' format)."""
+        if self.rank == 0:
+            logger.info("***** %s metrics *****", split)
+            for key in sorted(metrics):
+                logger.info("  %s = %s", key.ljust(max(map(len, metrics), default=0)), metrics[key])
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Rank 0 writes ``output_dir/{split}_results.json`` (and merges it into all_results.json)."""
+        if self.rank != 0:
+            return
+        out = Path(self.cfg.output_dir)
+        write_atomic(out / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
+        if combined:
+            path = out / "all_results.json"
+            merged = json.loads(path.read_text()) if path.is_file() else {}
+            write_atomic(path, json.dumps({**merged, **metrics}, indent=4, sort_keys=True))
+
+    def save_state(self) -> None:
+        """Rank 0 writes ``output_dir/trainer_state.json`` (step, epoch, log_history from metrics.jsonl)."""
+        if self.rank != 0:
+            return
+        from transformers import TrainerState
+
+        records = Path(self.cfg.output_dir) / "metrics.jsonl"
+        history = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
+        state = TrainerState(global_step=self.step, max_steps=self.total_steps, epoch=self.epoch,
+                             num_train_epochs=self.cfg.num_train_epochs, logging_steps=self.cfg.logging_steps,
+                             log_history=[r for r in history if r.get("split") in ("train", "eval")])
+        state.save_to_json(str(Path(self.cfg.output_dir) / "trainer_state.json"))
+
+    def create_model_card(self, language: Optional[str] = None, license: Optional[str] = None, tags=None,
+                          model_name: Optional[str] = None, finetuned_from: Optional[str] = None, tasks=None,
+                          dataset_tags=None, dataset=None, dataset_args=None, **_) -> None:
+        """Rank 0 writes ``output_dir/README.md``: a model card naming the base model, the data and
+        the SimPO settings."""
+        if self.rank != 0:
+            return
+        write_atomic(Path(self.cfg.output_dir) / "README.md", model_card(
+            self.cfg, finetuned_from or self.cfg.model_name_or_path, _as_list(dataset or dataset_tags),
+            ["simpo", "simpo-ds", *_as_list(tags)], language, license, model_name))
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -201,6 +306,36 @@ class SimPOTrainer(Trainer):
         return batch
 
 
+class TrainingPreempted(SystemExit):
+    """``SimPOTrainer.train()`` was stopped by SIGTERM/SIGUSR1 after saving a checkpoint. Uncaught, the
+    script exits with code 3 (``simpo_ds.cli.EXIT_PREEMPTED``: requeue and resume with
+    ``resume_from_checkpoint="latest"``), skipping its save_model / push_to_hub lines."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"training was preempted after step {self.step} (checkpoint saved); resume from 'latest'"
+
+
+def model_card(cfg: SimPOConfig, base: str, datasets: list, tags: list, language=None, license=None,
+               model_name=None) -> str:
+    """A Hugging Face model card (YAML front matter + text) for a SimPO-trained model."""
+    meta = {"base_model": base, "library_name": "transformers", "tags": tags, "datasets": datasets or None,
+            "language": language, "license": license}
+    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items() if v)
+    name = model_name or Path(cfg.output_dir).name
+    return (f"---\n{front}\n---\n\n# {name}\n\nFine-tuned from `{base}` with SimPO (simpo-ds): "
+            f"beta={cfg.beta}, gamma_beta_ratio={cfg.gamma_beta_ratio}, loss_type={cfg.loss_type}, "
+            f"learning_rate={cfg.learning_rate}, {cfg.num_train_epochs} epoch(s)"
+            + (f", datasets: {', '.join(map(str, datasets))}" if datasets else "") + ".\n")
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 def _apply_peft_config(args: SimPOConfig, peft_config) -> None:
     """Map a peft ``LoraConfig`` (or its dict) onto the config's LoRA fields — one code path."""
     get = peft_config.get if isinstance(peft_config, dict) else lambda k, d=None: getattr(peft_config, k, d)
@@ -218,4 +353,4 @@ def _apply_peft_config(args: SimPOConfig, peft_config) -> None:
     args.validate()
 
 
-__all__ = ["SimPOTrainer", "SimPOConfig", "PairData"]
+__all__ = ["SimPOTrainer", "SimPOConfig", "PairData", "TrainingPreempted"]

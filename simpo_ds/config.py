@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+DEFAULT_TRAIN_BATCH_SIZE = 128  # global pairs per optimizer step when no batch key is set (reference)
+
+# The two ways to give the batch size: a recipe's form is dropped when the command line gives the other.
+GLOBAL_BATCH_KEYS = ("train_batch_size",)
+PER_DEVICE_BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
@@ -80,7 +87,7 @@ class SimPOConfig:
 
     # ---- optimisation ------------------------------------------------------------------------
     output_dir: str = "outputs/simpo"  # metrics.jsonl, checkpoints/, final/
-    train_batch_size: int = 128  # GLOBAL batch in pairs per optimizer step
+    train_batch_size: Optional[int] = None  # GLOBAL batch in pairs per optimizer step; None: per_device x accumulation x ranks if set, else 128
     per_device_train_batch_size: Optional[int] = None  # TrainingArguments style (see "Batch size" in docs/configuration.md)
     gradient_accumulation_steps: Optional[int] = None  # TrainingArguments style (see "Batch size" in docs/configuration.md)
     learning_rate: float = 1e-6  # peak learning rate
@@ -186,8 +193,6 @@ class SimPOConfig:
             bad("max_prompt_length", f"must be > 0 and < max_length ({self.max_length})")
         if self.max_tokens_per_microbatch <= 0:
             bad("max_tokens_per_microbatch", "must be > 0")
-        if self.train_batch_size <= 0:
-            bad("train_batch_size", "must be > 0")
         if self.learning_rate < 0:
             bad("learning_rate", "must be >= 0")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -201,7 +206,7 @@ class SimPOConfig:
                 bad(key, "must be > 0")
         if self.logits_chunk_size < 0:
             bad("logits_chunk_size", "must be > 0, or 0 for auto")
-        for key in ("eval_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        for key in ("eval_steps", "train_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 bad(key, "must be > 0 when set")
         if self.save_steps < 0 or self.save_total_limit < 1:
@@ -245,12 +250,23 @@ class SimPOConfig:
         return self.gamma_beta_ratio * self.beta
 
     def resolve_batch_size(self, world_size: int) -> int:
-        """THE mapping from TrainingArguments-style batch fields to the global pair count:
-        train_batch_size = per_device_train_batch_size x gradient_accumulation_steps x world_size
-        when either of the first two is set (the missing one counts as 1); else train_batch_size."""
+        """THE global pair count per optimizer step, from either form of the batch size:
+        ``train_batch_size`` (global pairs), or TrainingArguments' per_device_train_batch_size x
+        gradient_accumulation_steps x ``world_size`` (data-parallel ranks; a missing factor counts
+        as 1); 128 (the reference's default) when neither is set. Both forms set and disagreeing is a
+        ConfigError naming both (a recipe's form is replaced by the other one given on the command
+        line: :func:`load_config`)."""
         if self.per_device_train_batch_size is None and self.gradient_accumulation_steps is None:
-            return self.train_batch_size
-        return (self.per_device_train_batch_size or 1) * (self.gradient_accumulation_steps or 1) * world_size
+            return self.train_batch_size or DEFAULT_TRAIN_BATCH_SIZE
+        per_device, accumulation = self.per_device_train_batch_size or 1, self.gradient_accumulation_steps or 1
+        product = per_device * accumulation * world_size
+        if self.train_batch_size is not None and self.train_batch_size != product:
+            raise ConfigError(
+                f"config keys 'train_batch_size' ({self.train_batch_size} pairs per step, global) and "
+                f"'per_device_train_batch_size' x 'gradient_accumulation_steps' ({per_device} x {accumulation} x "
+                f"{world_size} data-parallel ranks = {product}) disagree: set one form (given on the command "
+                "line, either form replaces the recipe's)")
+        return product
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -343,16 +359,19 @@ def build_config(values: dict, source: str = "arguments") -> SimPOConfig:
 
 
 def parse_overrides(argv: list[str]) -> dict:
-    """``["--beta", "2.5", "--packing=false"]`` -> ``{"beta": "2.5", "packing": "false"}``."""
+    """``["--beta", "2.5", "--packing=false"]`` -> ``{"beta": "2.5", "packing": "false"}``.
+
+    Only the key's dashes become underscores: ``--model-name-or-path=meta-llama/Llama-3-8B`` ->
+    ``{"model_name_or_path": "meta-llama/Llama-3-8B"}``."""
     out: dict[str, str] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: overrides are --key value")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps is --max_steps; the VALUE is kept as typed
+        if eq:
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
@@ -382,7 +401,11 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
                 raise _unknown_key(key, recipe)
         values.update(loaded)
         source = f"{recipe} / command line"
-    cli = parse_overrides(overrides or [])
+    cli = {_KEY_ALIASES.get(k, k): v for k, v in parse_overrides(overrides or []).items()}
+    for given, replaced in ((GLOBAL_BATCH_KEYS, PER_DEVICE_BATCH_KEYS), (PER_DEVICE_BATCH_KEYS, GLOBAL_BATCH_KEYS)):
+        if any(k in cli for k in given):  # the batch size given on the command line in the other form
+            for key in replaced:
+                values.pop(key, None)
     if "simpo_gamma" in cli:
         values.pop("gamma_beta_ratio", None)  # an explicit CLI gamma replaces the recipe's ratio
     if "gamma_beta_ratio" in cli:

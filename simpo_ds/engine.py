@@ -34,6 +34,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from simpo_ds.config import ConfigError
+from simpo_ds.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,8 @@ def init_distributed(timeout_s: int = 300) -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accel = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank())
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s)
@@ -102,7 +102,7 @@ def init_distributed(timeout_s: int = 300) -> tuple[int, int, torch.device]:
         _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, ONE_SIDED_TIMEOUT_S)))
     if accel.device_name() == "cpu":
         _unlink_shm_buffers()
-    device = torch.device(accel.device_name(), local_rank) if accel.device_name() == "cuda" else torch.device("cpu")
+    device = torch.device(accel.device_name(), local_rank()) if accel.device_name() == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -132,6 +132,11 @@ def _unlink_shm_buffers() -> None:
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
     for path in Path("/dev/shm").glob(name):
         path.unlink(missing_ok=True)
+
+
+def local_rank() -> int:
+    """This process's index on its node (LOCAL_RANK, set by every launcher; 0 without one)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def device_type() -> str:
@@ -222,13 +227,27 @@ def launcher_dtype(torch_dtype: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
-def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, hidden_size: int) -> dict:
-    """Read a ds_configs/*.json and fill every ``"auto"`` from the run config — the ONE place.
+def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, hidden_size: int, *,
+                   global_batch: int | None = None, dp_size: int | None = None, total_steps: int | None = None,
+                   warmup_steps: int | None = None) -> dict:
+    """Read a DeepSpeed JSON and fill every ``"auto"`` from the run config — the ONE place.
 
     Without ``path``: under ``accelerate launch``, the DeepSpeed settings it passes (its
     ``deepspeed_config_file``, or zero stage / offload devices, :func:`accelerate_ds_config`); else
-    ZeRO-3. Batch fields: one micro-batch per DeepSpeed step (the trainer accumulates variable-size
-    packed micro-batches itself), so train_batch_size = world_size. Precision follows ``dtype``.
+    ZeRO-3. The JSONs of the transformers / accelerate docs work as they are:
+
+    - batch: one micro-batch per DeepSpeed step (the trainer accumulates variable-size packed
+      micro-batches itself), so DeepSpeed's train_batch_size = world_size;
+    - precision: ``fp16`` / ``bf16`` ``"enabled": "auto"`` follow the run's ``dtype``;
+    - ``optimizer``: DeepSpeed builds it, its ``"auto"`` params from learning_rate, adam_*,
+      weight_decay; ``scheduler``: not used (logged): the trainer schedules the learning rate
+      (lr_scheduler_type, warmup_ratio), its ``"auto"`` params need no value.
+
+    An explicit value that contradicts the run (``fp16.enabled: true`` on a bf16 run, another
+    ``lr``, ``gradient_clipping``, batch size or warmup) is a ConfigError naming every such key, as
+    transformers' Trainer does: the run would otherwise silently follow one of the two.
+    ``global_batch`` (pairs per step), ``dp_size`` (data-parallel ranks), ``total_steps`` and
+    ``warmup_steps`` are the run's values for those checks (a check is skipped when None).
     """
     ds = None
     if path is None and from_accelerate():
@@ -245,13 +264,13 @@ def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, h
             "zero_optimization means 0). Without ZeRO, DeepSpeed neither reports the gradient norm nor "
             "skips non-finite fp32 updates; stage 1 costs the same on one GPU and shards optimizer states"
         )
+    conflicts: list[str] = []
+    _check_batch(ds, cfg, global_batch, dp_size, conflicts)
     ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = world_size
-    ds["gradient_clipping"] = cfg.max_grad_norm
-    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
-    if dtype == torch.float16:
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, f"max_grad_norm={cfg.max_grad_norm}", conflicts)
+    _fill_precision(ds, cfg, dtype, conflicts)
     zero = ds.setdefault("zero_optimization", {})
     auto = {
         "reduce_bucket_size": hidden_size * hidden_size,
@@ -263,21 +282,93 @@ def fill_ds_config(path: str | None, cfg, world_size: int, dtype: torch.dtype, h
             zero[key] = value
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})
-        fill = {
-            "lr": cfg.learning_rate,
-            "betas": [cfg.adam_beta1, cfg.adam_beta2],
-            "eps": cfg.adam_epsilon,
-            "weight_decay": cfg.weight_decay,
-        }
-        for key, value in fill.items():
-            if params.get(key, "auto") == "auto":
-                params[key] = value
+        run = {"lr": (cfg.learning_rate, "learning_rate"), "betas": ([cfg.adam_beta1, cfg.adam_beta2], "adam_beta1/2"),
+               "eps": (cfg.adam_epsilon, "adam_epsilon"), "weight_decay": (cfg.weight_decay, "weight_decay")}
+        for key, (value, name) in run.items():
+            _fill(params, key, value, f"{name}={value}", conflicts, where="optimizer.params.")
     elif zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
         ds["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW runs on the CPU copy
+    if "scheduler" in ds:
+        _check_scheduler(ds.pop("scheduler"), cfg, total_steps, warmup_steps, conflicts)
+        logger.info("DeepSpeed config %s: its scheduler block is not used; the learning rate follows "
+                    "lr_scheduler_type=%s with warmup_ratio=%s", path, cfg.lr_scheduler_type, cfg.warmup_ratio)
+    if conflicts:
+        raise ConfigError(f"{path} contradicts this run (write \"auto\" there, or change the run's key):\n  - "
+                          + "\n  - ".join(conflicts))
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}")
     return ds
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    try:
+        return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)), 1.0)
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _fill(block: dict, key: str, value, run: str, conflicts: list, where: str = "") -> None:
+    """``block[key]``: "auto" or absent -> ``value``; an explicit other value -> a conflict."""
+    given = block.get(key, "auto")
+    if given != "auto" and not _same(given, value):
+        conflicts.append(f"{where}{key}={json.dumps(given)}, but this run has {run}")
+    block[key] = value
+
+
+def _fill_precision(ds: dict, cfg, dtype: torch.dtype, conflicts: list) -> None:
+    """``bf16`` / ``fp16`` blocks follow ``dtype``: "auto" (or absent) is filled, an explicit
+    ``enabled`` that disagrees is a conflict (DeepSpeed would train in another precision)."""
+    if "bfloat16" in ds:  # DeepSpeed's other name of the bf16 block
+        ds["bf16"] = ds.pop("bfloat16")
+    run = f"torch_dtype={cfg.torch_dtype} -> {str(dtype).removeprefix('torch.')} (set torch_dtype, or bf16/fp16: true)"
+    for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        block = ds.get(key)
+        if block is None:
+            if wanted:
+                ds[key] = {"enabled": True}
+        else:
+            _fill(block, "enabled", wanted, run, conflicts, where=f"{key}.")
+        if wanted and key == "fp16":
+            ds[key].setdefault("initial_scale_power", 16)
+
+
+def _check_batch(ds: dict, cfg, global_batch: int | None, dp_size: int | None, conflicts: list) -> None:
+    """Explicit DeepSpeed batch fields must describe the run's batch (pairs per optimizer step)."""
+    if global_batch is None or dp_size is None:
+        return
+    explicit = {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+                if ds.get(k, "auto") != "auto"}
+    run = f"{global_batch} pairs per step over {dp_size} data-parallel rank(s)"
+    if "train_batch_size" in explicit and explicit["train_batch_size"] != global_batch:
+        conflicts.append(f"train_batch_size={explicit['train_batch_size']}, but this run has {run}")
+    per_device = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+                  "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    for key, value in per_device.items():
+        if key in explicit and value is not None and explicit[key] != value:
+            conflicts.append(f"{key}={explicit[key]}, but this run has {key.replace('train_micro_batch_size_per_gpu', 'per_device_train_batch_size')}={value}")
+    if {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps"} & explicit.keys():
+        micro = explicit.get("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size or 1)
+        accumulation = explicit.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps or 1)
+        if micro * accumulation * dp_size != global_batch:
+            conflicts.append(f"train_micro_batch_size_per_gpu x gradient_accumulation_steps = {micro} x {accumulation} "
+                             f"(x {dp_size} ranks = {micro * accumulation * dp_size}), but this run has {run}")
+
+
+def _check_scheduler(block: dict, cfg, total_steps: int | None, warmup_steps: int | None, conflicts: list) -> None:
+    """The (unused) scheduler block's explicit values must agree with the trainer's schedule."""
+    params = block.get("params", {})
+    run = {"warmup_min_lr": (0.0, "a warmup from 0"), "warmup_max_lr": (cfg.learning_rate, f"learning_rate={cfg.learning_rate}"),
+           "warmup_num_steps": (warmup_steps, f"{warmup_steps} warmup steps (warmup_ratio={cfg.warmup_ratio})"),
+           "total_num_steps": (total_steps, f"{total_steps} steps"),
+           "cos_min_ratio": (0.0, "a decay to 0")}
+    for key, (value, text) in run.items():
+        if key in params and value is not None:
+            _fill(params, key, value, text, conflicts, where="scheduler.params.")
 
 
 def _walk(d: dict, prefix: str = ""):
@@ -411,14 +502,14 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
             + (f"{root / LATEST} still names {kept}." if kept else "there is no earlier checkpoint.")
         )
     if dist.get_rank() == 0:
-        _write_atomic(partial / COMPLETE, json.dumps(
+        write_atomic(partial / COMPLETE, json.dumps(
             {**(marker or {}), "step": step, "world_size": dist.get_world_size(), "files": _file_sizes(partial)}))
         stale = root / f"{tag}.stale"
         if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
         os.replace(partial, final)
-        _write_atomic(root / LATEST, tag)
+        write_atomic(root / LATEST, tag)
         shutil.rmtree(stale, ignore_errors=True)
         _prune(root, keep)
     barrier()
@@ -477,15 +568,6 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path} is damaged: {name} has {file.stat().st_size} bytes, {size} were written"
             )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _step_of(path: Path) -> int | None:
@@ -547,6 +629,47 @@ def resolve_checkpoint(root: str | Path, which: str) -> Path | None:
     return path
 
 
+ABANDONED = "abandoned"
+
+
+def start_branch(root: str | Path, step: int) -> Path | None:
+    """Resuming at ``step`` while ``root`` holds later checkpoints starts a new branch: those later
+    ones (the abandoned run, e.g. after a loss spike) are moved to
+    ``root/abandoned/<time>_after_step_<step>/`` — never deleted, never again resumed by ``latest`` /
+    ``auto``, never counted by ``save_total_limit`` — and ``latest`` names the newest checkpoint left
+    (the resumed one when it is in ``root``). Rank 0 moves, every rank waits. -> the folder they went
+    to, or None when there were none."""
+    import time
+
+    root, moved_to = Path(root), None
+    if dist.get_rank() == 0:
+        later = sorted((p for p in root.glob("step_*") if _step_number(p.name) is not None
+                        and _step_number(p.name) > step), key=lambda p: p.name)
+        if later:
+            moved_to = root / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}_after_step_{step}"
+            moved_to.mkdir(parents=True)
+            for path in later:
+                os.replace(path, moved_to / path.name)
+            remaining = _complete_steps(root)
+            if remaining:
+                write_atomic(root / LATEST, remaining[-1].name)
+            else:  # resumed from elsewhere and nothing of this run is left before it
+                (root / LATEST).unlink(missing_ok=True)
+            logger.warning(
+                "resumed at step %d while later checkpoints existed: a new branch starts here. %s moved to "
+                "%s (kept, not resumable by 'latest', not counted by save_total_limit); latest now names %s",
+                step, ", ".join(p.name for p in later), moved_to, remaining[-1].name if remaining else "nothing")
+    moved_to = broadcast_object(moved_to)
+    barrier()
+    return moved_to
+
+
+def _step_number(name: str) -> int | None:
+    """``step_12`` / ``step_12.partial`` / ``step_12.stale`` -> 12; None for anything else."""
+    number = name.removeprefix("step_").split(".", 1)[0]
+    return int(number) if name.startswith("step_") and number.isdigit() else None
+
+
 def checkpoint_marker(path: Path) -> dict:
     """The ``COMPLETE`` marker of a verified checkpoint (step, world_size, files, what the trainer added)."""
     return json.loads((path / COMPLETE).read_text())
@@ -605,7 +728,7 @@ def to_universal(path: Path) -> Path:
         logger.info("converting to a universal checkpoint: %s", " ".join(cmd))
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode == 0:
-            _write_atomic(partial / COMPLETE, (path / COMPLETE).read_text())
+            write_atomic(partial / COMPLETE, (path / COMPLETE).read_text())
             shutil.rmtree(out, ignore_errors=True)
             os.replace(partial, out)
         else:

@@ -244,28 +244,33 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
 
 
 def export_pretrained(model: nn.Module, state_dict: dict, tokenizer, out_dir, cfg) -> None:
-    """Write ``out_dir`` (safetensors + config + tokenizer) atomically: into ``out_dir.partial``
-    first, renamed when complete. LoRA: merged weights, or the adapter alone with save_adapter_only."""
-    import os
-    import shutil
-    from pathlib import Path
+    """Write the model (safetensors + config + tokenizer) to ``out_dir``, touching nothing else there.
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    Staged in a hidden sibling directory, then moved in (:func:`simpo_ds.io.install_model_files`): a
+    new ``out_dir`` appears whole; in an existing one (``save_model(output_dir)``) only model files
+    are replaced, and weight files of an earlier export that this one did not write are removed.
+    LoRA: merged weights, or the adapter alone with save_adapter_only."""
+    import shutil
+
+    from simpo_ds.io import install_model_files, staging_dir
+
+    tmp = staging_dir(out_dir)
     state_dict = {k[len(POLICY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
-    if hasattr(model, "peft_config"):
-        if cfg.save_adapter_only:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    try:
+        if hasattr(model, "peft_config"):
+            if cfg.save_adapter_only:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            else:
+                scaling = cfg.lora_alpha / cfg.lora_r
+                base = model.get_base_model()
+                base.save_pretrained(tmp, state_dict=merge_lora_state_dict(state_dict, scaling), safe_serialization=True)
         else:
-            scaling = cfg.lora_alpha / cfg.lora_r
-            base = model.get_base_model()
-            base.save_pretrained(tmp, state_dict=merge_lora_state_dict(state_dict, scaling), safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:  # a failed write (disk full) leaves the earlier export as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stale = install_model_files(tmp, out_dir)
+    if stale:
+        logger.info("export to %s: removed the earlier export's weight files %s", out_dir, ", ".join(stale))

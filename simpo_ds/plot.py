@@ -12,8 +12,8 @@ writes::
     OUTPUT_DIR/plots/overview.png       all of the above on one figure
     OUTPUT_DIR/report.md                config, first vs last eval, last train metrics, the plots
 
-The run config comes from ``OUTPUT_DIR/config.yaml`` when the trainer wrote one, else from
-``--config``. Records are read as the trainer writes them (DESIGN.md §7: one JSON object per line
+The run config comes from ``OUTPUT_DIR/run_config.yaml`` (the trainer writes the resolved config
+there), else from ``--config``. Records are read as the trainer writes them (docs/metrics.md: one JSON object per line
 with ``step``, ``split`` = train/eval/data, ``time`` and the metric names). ``metrics.jsonl`` is
 appended to by every run (and resume) in the same directory: for each (split, step) the LAST record
 wins, so a resumed run plots as one curve. matplotlib uses the Agg backend (no display needed).
@@ -26,6 +26,8 @@ import json
 import math
 from pathlib import Path
 from typing import Optional
+
+from simpo_ds.reporting import RUN_CONFIG
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -106,10 +108,10 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def load_config(output_dir: Path, recipe: Optional[str]) -> tuple[dict, str]:
-    """(config dict, where it came from): ``OUTPUT_DIR/config.yaml`` first, then ``recipe``."""
+    """(config dict, where it came from): ``OUTPUT_DIR/run_config.yaml`` first, then ``recipe``."""
     import yaml
 
-    for path, label in ((output_dir / "config.yaml", "config.yaml"), (Path(recipe) if recipe else None, recipe)):
+    for path, label in ((output_dir / RUN_CONFIG, RUN_CONFIG), (Path(recipe) if recipe else None, recipe)):
         if path is not None and path.is_file():
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             if isinstance(loaded, dict):
@@ -293,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m simpo_ds.plot OUTPUT_DIR [--config recipe.yaml] [--title TEXT]``."""
     parser = argparse.ArgumentParser(prog="simpo-ds plot", description="PNG curves and report.md from metrics.jsonl")
     parser.add_argument("output_dir", help="the run's output_dir (holds metrics.jsonl)")
-    parser.add_argument("--config", help="recipe to show when output_dir has no config.yaml")
+    parser.add_argument("--config", help="recipe to show when output_dir has no run_config.yaml")
     parser.add_argument("--title", help="report title")
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from simpo_ds.io import write_atomic
+
 # Peak dense bf16 TFLOP/s per device, for MFU (tensor cores, no sparsity).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -43,6 +45,9 @@ def peak_memory_gb(device_type: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+RUN_CONFIG = "run_config.yaml"
+
+
 class Reporter:
     """Writes records on rank 0 only; other ranks get a no-op reporter."""
 
@@ -53,6 +58,10 @@ class Reporter:
         if not self.enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        # the resolved config of this run (readable as a recipe; `simpo-ds plot` shows it)
+        write_atomic(Path(output_dir) / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
         if "wandb" in report_to:
             import wandb
 

@@ -234,6 +234,8 @@ def _settings(args) -> SimpleNamespace:
                 "max_tokens_per_microbatch", "train_batch_size"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.train_batch_size is not None:  # the flag replaces the recipe's per-device form too
+        cfg.per_device_train_batch_size = cfg.gradient_accumulation_steps = None
     if args.auto_insert_empty_system_msg is not None:
         cfg.auto_insert_empty_system_msg = args.auto_insert_empty_system_msg.lower() == "true"
     cfg.validate()
@@ -258,7 +260,8 @@ def build_report(dataset: str, tokenizer_path: str, cfg, batch_size: int, world_
     cut, dropped = tokenize_lengths(raw, tokenizer, _tokenize_fields(cfg))
     trunc = truncation_summary(full, cut, len(raw), dropped["dropped"])
     padded = padded_cost(cut.chosen_seq, cut.rejected_seq, batch_size)
-    packed = packed_cost(cut.pair_tokens, cfg.train_batch_size, world_size, cfg.max_tokens_per_microbatch)
+    step_pairs = cfg.resolve_batch_size(world_size)
+    packed = packed_cost(cut.pair_tokens, step_pairs, world_size, cfg.max_tokens_per_microbatch)
 
     out = [f"# Length statistics: `{dataset}`", ""]
     out += [f"tokenizer `{tokenizer_path}`, chat_template_mode `{cfg.chat_template_mode}`, "
@@ -281,7 +284,7 @@ def build_report(dataset: str, tokenizer_path: str, cfg, batch_size: int, world_
     out.append(f"| padded, {batch_size} pairs / micro-batch | {padded['real']} | {padded['processed']} | "
                f"{padded['efficiency']:.1%} | 2·B rows padded to the longest |")
     out.append(
-        f"| packed, budget {cfg.max_tokens_per_microbatch} tokens, {cfg.train_batch_size} pairs / step, "
+        f"| packed, budget {cfg.max_tokens_per_microbatch} tokens, {step_pairs} pairs / step, "
         f"{world_size} rank(s) | {packed['real']} | {packed['processed']} | {packed['efficiency']:.1%} | "
         f"{packed['micro_batches_per_step']:.1f} micro-batches / rank / step, budget fill "
         f"{packed['budget_fill']:.0%}, filler {packed['filler']} tokens |"

@@ -29,7 +29,7 @@ from simpo_ds import engine as ds
 from simpo_ds import hub
 from simpo_ds import sequence_parallel
 from simpo_ds.attention import CU_SEQLENS_IMPLEMENTATIONS, attention_kwargs, choose_attn_implementation, register_attention
-from simpo_ds.callbacks import split_callbacks
+from simpo_ds.callbacks import CONTROL_FLAGS, split_callbacks, trainer_log_names
 from simpo_ds.config import ConfigError, SimPOConfig, no_effect_keys
 from simpo_ds.data import mixer
 from simpo_ds.data.formats import to_canonical
@@ -104,6 +104,8 @@ class Trainer:
     """SimPO on DeepSpeed. ``model``/``tokenizer``/datasets may be given as objects (Python API);
     otherwise they are loaded from the config (CLI)."""
 
+    EXPORTS_FINAL = True  # train() ends with output_dir/final/ (save_final) and its push (push_to_hub)
+
     def __init__(
         self,
         cfg: SimPOConfig,
@@ -147,7 +149,7 @@ class Trainer:
         for key, why in no_effect_keys(cfg).items():
             logger.info("config key '%s' is accepted for recipe compatibility and has no effect: %s", key, why)
         if cfg.push_to_hub:
-            hub.check_push(cfg)  # before any data or model work: a missing token is found now, not after training
+            hub.check_push(cfg, final_export=self.EXPORTS_FINAL)  # before any data or model work: a missing token is found now, not after training
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _seed_everything(cfg.seed)
@@ -242,7 +244,10 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"config key {err}") from None
             self.attn_impl = sequence_parallel.register(self.base_attn_impl)
-        self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size)
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.ds_config = ds.fill_ds_config(cfg.deepspeed, cfg, self.world_size, self.dtype, model_config.hidden_size,
+                                           global_batch=cfg.train_batch_size, dp_size=self.sp.dp_size,
+                                           total_steps=self.total_steps, warmup_steps=self.warmup_steps)
         logger.info("DeepSpeed: ZeRO-%d from %s", ds.zero_stage(self.ds_config), ds.ds_config_source(cfg.deepspeed))
         self._zero3_context = ds.zero3_init_context(self.ds_config)  # must outlive loading
         if self.sp.size > 1 and not (self._model_arg is None or isinstance(self._model_arg, str)):
@@ -264,12 +269,11 @@ class Trainer:
             model, chunk_size=cfg.logits_chunk_size, attn_kwargs_fn=lambda b: attention_kwargs(b, self.base_attn_impl),
             sequence_parallel=self.sp,
         )
-        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
-
         def scheduler_fn(optimizer):
             from transformers import get_scheduler
 
-            return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+            return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=self.warmup_steps,
+                                 num_training_steps=self.total_steps)
 
         self.engine = ds.build_engine(self.policy, self.ds_config, cfg, scheduler_fn)
         if lockstep_enabled(cfg.debug_lockstep):
@@ -307,6 +311,7 @@ class Trainer:
         progress = _progress(self.rank, self.total_steps, self.step)
         self._install_signal_handlers()
         self._emit("train_begin")
+        evaluated_at = None
         while self.step < self.total_steps:
             metrics = self.train_step(self._step_pairs(self.step))
             self.step += 1
@@ -314,16 +319,18 @@ class Trainer:
             train_losses.append(metrics["loss"])
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+            # the transformers Trainer's order: on_step_end -> log -> evaluate -> save; a callback's
+            # control (should_log / should_evaluate / should_save / should_training_stop) adds to the schedule
+            asked = self._agree(self._emit("step_end", metrics=metrics))
+            stop = asked["should_training_stop"]
+            final_step = self.step == self.total_steps or stop
+            if self.step % cfg.logging_steps == 0 or final_step or self.stop_agreed or asked["should_log"]:
                 self._log("train", window.flush())
-            stop_asked, save_asked = self._agree(self._emit("step_end", metrics=metrics))  # callbacks' control
             eval_every = cfg.eval_steps or (cfg.logging_steps if cfg.eval_strategy == "steps" else None)
-            final_step = self.step == self.total_steps or stop_asked  # the final evaluation follows the loop
-            if self.has_eval and self._due(cfg.eval_strategy, eval_every) and not final_step:
-                self.evaluate()
+            if self.has_eval and (final_step or self._due(cfg.eval_strategy, eval_every) or asked["should_evaluate"]):
+                self.evaluate()  # the final step's evaluation is the run's final one
+                evaluated_at = self.step
             if self.stop_agreed:  # preemption: finish this step, checkpoint, leave (same on all ranks)
-                if window.rows:  # steps since the last train record
-                    self._log("train", window.flush())
                 self.save_checkpoint()
                 logger.warning("stopped by signal %s after step %d; resume with --resume_from_checkpoint latest",
                                self.stop_signal or "(on another rank)", self.step)
@@ -331,38 +338,41 @@ class Trainer:
                 self.reporter.close()
                 self.preempted = True
                 return {**(window.last or {}), "train_loss": float(np.mean(train_losses)), "preempted": True}
-            if self._due(cfg.save_strategy, cfg.save_steps) or save_asked or stop_asked:
+            if self._due(cfg.save_strategy, cfg.save_steps) or asked["should_save"] or stop:
                 self.save_checkpoint()
-            if stop_asked:  # a callback's control.should_training_stop: the normal end, from here
-                if window.rows:
-                    self._log("train", window.flush())
+            if stop:  # a callback's control.should_training_stop: the normal end, from here
                 logger.info("stopped by a callback after step %d", self.step)
                 break
         progress.close()
-        if self.has_eval:
+        if self.has_eval and evaluated_at != self.step:  # resumed at the end: nothing ran
             self.evaluate()
-        if cfg.save_final:
-            self.export(Path(cfg.output_dir) / FINAL)
-            if cfg.push_to_hub and self.rank == 0:
-                logger.info("pushed %s to %s", FINAL, hub.push(Path(cfg.output_dir) / FINAL, cfg.hub_model_id))
+        self._final_export()
         self._emit("train_end")
         last = window.last or {}
         return {**last, "train_loss": float(np.mean(train_losses)) if train_losses else float("nan")}
 
-    def _log(self, split: str, record: dict) -> None:
-        """One metrics.jsonl / wandb record at the current step, and the callbacks' ``log`` event."""
-        self.reporter.log(split, self.step, self.epoch, record)
-        self._emit("log", logs={f"eval_{k}" if split == "eval" else k: v for k, v in record.items()})
+    def _final_export(self) -> None:
+        """The end of a run: ``output_dir/final/`` (save_final) and its upload (push_to_hub, rank 0).
+        The Python API's ``SimPOTrainer`` leaves both to the script (``save_model``, ``push_to_hub``)."""
+        if self.cfg.save_final:
+            final = Path(self.cfg.output_dir) / FINAL
+            self.export(final)
+            if self.cfg.push_to_hub and self.rank == 0:
+                logger.info("pushed %s to %s", final, hub.push(final, self.cfg.hub_model_id))
 
-    def _agree(self, flags: dict) -> tuple[bool, bool]:
-        """(stop, save) asked by a callback on ANY rank, known to every rank (one all-reduce per step,
-        only when there are callbacks: the list is the same on every rank)."""
+    def _log(self, split: str, record: dict, name: Optional[str] = None) -> None:
+        """One metrics.jsonl / wandb record at the current step (``eval_name`` for a named eval split),
+        and the callbacks' ``log`` event under the transformers Trainer's names."""
+        self.reporter.log(split, self.step, self.epoch, {**record, **({"eval_name": name} if name else {})})
+        self._emit("log", logs=trainer_log_names(split, record, name, self.epoch))
+
+    def _agree(self, flags: dict) -> dict[str, bool]:
+        """{flag: asked by a callback on ANY rank} for each of ``CONTROL_FLAGS``, known to every rank
+        (one all-reduce per step, only when there are callbacks: the list is the same on every rank)."""
         if not self.callbacks:
-            return False, False
-        asked = torch.tensor([float(flags.get("should_training_stop", False)), float(flags.get("should_save", False))],
-                             dtype=torch.float64, device=self.device)
-        stop, save = ds.all_reduce_sum(asked).tolist()
-        return stop > 0, save > 0
+            return dict.fromkeys(CONTROL_FLAGS, False)
+        asked = torch.tensor([float(flags.get(k, False)) for k in CONTROL_FLAGS], dtype=torch.float64, device=self.device)
+        return {k: v > 0 for k, v in zip(CONTROL_FLAGS, ds.all_reduce_sum(asked).tolist())}
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a clean stop: the
@@ -570,8 +580,8 @@ class Trainer:
         ds.all_reduce_sum(stats)
         self.engine.train()
         metrics = finalize_metrics(stats, self.cfg.sft_weight)
-        self._log("eval", {**metrics, **({"eval_name": name} if name else {})})
-        self._emit("evaluate", metrics={f"eval_{k}": v for k, v in metrics.items()})
+        self._log("eval", metrics, name)
+        self._emit("evaluate", metrics=trainer_log_names("eval", metrics, name, self.epoch))
         return metrics
 
     # =========================================================================================
@@ -614,6 +624,7 @@ class Trainer:
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
         logger.info("resumed from %s at step %d", path, self.step)
+        ds.start_branch(Path(self.cfg.output_dir) / CHECKPOINTS, self.step)  # a rollback moves later ones aside
         saved_sp = client_state.get("config", {}).get("sequence_parallel_size", 1)
         if saved_sp != self.sp.size:  # allowed: a step's loss is the mean over its pairs however rows are split
             logger.info("the checkpoint trained with sequence_parallel_size=%d, this run uses %d", saved_sp, self.sp.size)
