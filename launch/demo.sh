@@ -51,7 +51,10 @@ else
   WHERE="$RANKS CPU processes (DeepSpeed CPU accelerator, gloo)"
 fi
 step "SimPO, DeepSpeed ZeRO-3 on $WHERE: $RECIPE"
-rm -rf "$RUN"  # metrics.jsonl is appended to: start clean
+if [ -e "$RUN" ]; then  # metrics.jsonl is appended to: start clean, keeping an earlier run aside (never deleted)
+  KEPT="$RUN.$(date +%Y%m%d-%H%M%S)"
+  mv "$RUN" "$KEPT" && echo "an earlier run was in $RUN: moved to $KEPT"
+fi
 PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 deepspeed --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --ds ds_configs/zero3.json --config "$RECIPE" \
   --model_name_or_path "$OUT/base_model" --output_dir "$RUN" "$@"

@@ -113,10 +113,10 @@ class SimPOConfig:
     run_name: Optional[str] = None  # wandb run name
     save_steps: int = 0  # DeepSpeed checkpoint every N steps (0 = only on preemption)
     save_strategy: Optional[str] = None  # no | steps | epoch; None = save_steps decides
-    save_total_limit: int = 2  # keep the last N checkpoints
+    save_total_limit: int = 2  # keep the last N checkpoints (a rollback moves later ones to checkpoints/abandoned/)
     resume_from_checkpoint: Optional[str] = None  # latest | PATH
     save_final: bool = True  # export output_dir/final/ (safetensors + tokenizer)
-    push_to_hub: bool = False  # upload output_dir/final/ to hub_model_id at the end (checked before training)
+    push_to_hub: bool = False  # upload to hub_model_id: final/ at the end (CLI); save_model / push_to_hub() (Python); checked before training
     hub_model_id: Optional[str] = None  # hub repository of push_to_hub
     log_level: str = "info"  # rank-0 log level: debug | info | warning | error | critical | passive (= info)
 

@@ -38,9 +38,16 @@ def journeys(tmp_path_factory):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     done = subprocess.run([sys.executable, "tests/journeys_worker.py", str(base / "assets.json"), str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
-    log = done.stdout + done.stderr
-    assert (out / "reference.json").is_file() and (out / "rollback.json").is_file(), log[-6000:]
-    return out, done.returncode, log
+    return out, done.returncode, done.stdout + done.stderr
+
+
+def journey(journeys, name: str) -> Path:
+    """The worker's output dir once journey ``name`` ran through (else its traceback fails the test)."""
+    out, _, log = journeys
+    error = out / f"{name}.error"
+    assert not error.exists(), error.read_text()
+    assert (out / f"{name}.json").is_file(), log[-6000:]
+    return out
 
 
 def reference_recipe(path: Path) -> Path:
@@ -77,7 +84,7 @@ def test_2_save_model_into_output_dir_keeps_the_run(journeys):
     output_dir, and checkpoints/, metrics.jsonl and the resolved config stay."""
     from transformers import AutoModelForCausalLM
 
-    run = journeys[0] / "run"
+    run = journey(journeys, "reference") / "run"
     assert (run / "checkpoints" / "latest").is_file() and (run / "metrics.jsonl").stat().st_size > 0
     assert (run / "run_config.yaml").is_file() and (run / "trainer_state.json").is_file()
     assert json.loads((run / "config.json").read_text())["use_cache"] is True  # the script's own last line
@@ -113,7 +120,7 @@ def test_3_rollback_starts_a_branch_and_latest_follows_it(journeys):
     step_3. step_4 of the abandoned branch is kept aside; `latest` names the new branch's step_3."""
     from simpo_ds.engine import resolve_checkpoint
 
-    root = journeys[0] / "run" / "checkpoints"
+    root = journey(journeys, "rollback") / "run" / "checkpoints"
     (moved,) = list((root / "abandoned").iterdir())
     assert moved.name.endswith("_after_step_2") and [p.name for p in moved.iterdir()] == ["step_4"]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_3"]
@@ -146,7 +153,7 @@ def fill(tmp_path, ds: dict, dtype=torch.float32, **cfg_values):
 def test_7_transformers_docs_json_trains_and_its_autos_follow_the_run(journeys, tmp_path):
     """The docs' ZeRO-3 + offload JSON trained run A as it is; its autos follow the run (fp32 here):
     fp16/bf16 off, the optimizer's params from the run, the scheduler block not used (the trainer's)."""
-    ds = json.loads((journeys[0] / "reference.json").read_text())["ds_config"]
+    ds = json.loads((journey(journeys, "reference") / "reference.json").read_text())["ds_config"]
     assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False and "scheduler" not in ds
     assert ds["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
     bf16 = fill(tmp_path, DOCS_JSON, torch.bfloat16)
@@ -191,7 +198,7 @@ def test_8_train_batch_size_on_the_command_line_replaces_the_recipes_per_device_
 def test_9_push_to_hub_pushes_the_model_and_never_the_checkpoints(journeys):
     """push_to_hub: true with the reference's last lines: save_model pushes ("Model save", as the
     transformers Trainer), trainer.push_to_hub(**kwargs) pushes with the model card; checkpoints/ never."""
-    pushes = json.loads((journeys[0] / "hub" / "pushes.json").read_text())
+    pushes = json.loads((journey(journeys, "reference") / "hub" / "pushes.json").read_text())
     assert [(p["repo_id"], p["message"]) for p in pushes] == [("me/simpo-tiny", "Model save"),
                                                               ("me/simpo-tiny", "End of training")]
     for push in pushes:
@@ -206,7 +213,7 @@ def test_9_push_to_hub_pushes_the_model_and_never_the_checkpoints(journeys):
 def test_10_callbacks_order_names_and_control(journeys):
     """on_step_end -> on_log -> on_evaluate -> on_save; learning_rate (not lr) and epoch in train
     logs; a named eval set reports eval_{name}_*; control.should_log / should_evaluate are honoured."""
-    events = json.loads((journeys[0] / "reference.json").read_text())["events"]
+    events = json.loads((journey(journeys, "reference") / "reference.json").read_text())["events"]
     hooks = [(e[0], e[1]) for e in events]
     assert hooks == [("on_step_end", 1), ("on_log", 1), ("on_log", 1), ("on_evaluate", 1),  # asked at step 1
                      ("on_step_end", 2), ("on_log", 2), ("on_save", 2),  # logging_steps 2, save_steps 2
@@ -243,5 +250,5 @@ def test_16_citations_version_and_run_config(journeys):
         cited |= set(re.findall(r"docs/design\.md §(\d)", text))
     assert cited and all(f"## §{n} " in design for n in cited), cited
     assert re.search(r'version=VERSION', (ROOT / "setup.py").read_text()) and re.fullmatch(r"\d+\.\d+\.\d+", __version__)
-    config, source = plot_config(out := journeys[0] / "run", None)
+    config, source = plot_config(out := journey(journeys, "reference") / "run", None)
     assert source == "run_config.yaml" and config["output_dir"] == str(out) and config["train_batch_size"] == 8
