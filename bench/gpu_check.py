@@ -11,9 +11,12 @@ Phases, each timed and recorded even when another fails (a failed phase is repor
 1. ``exact``: on CUDA, a tiny Llama's packed varlen row (torch ``varlen_attn``; FlashAttention-2 too
    when flash-attn imports) against the padded sdpa reference — per-sequence log-probs and every
    gradient — in fp32 (TF32 off: 1e-4, kernels reorder sums) and bf16 (2e-2: 8 mantissa bits, ~4e-3 per
-   rounding, a few dozen roundings deep); prompt sharing through FlexAttention against standard
-   packing (fp32, 1e-4); a 1-process ZeRO-3 training step (``launch/train.py``) against the reference
-   loss (fp32, 1e-5).
+   rounding, a few dozen roundings deep); sequence parallelism's Ulysses wrapper around each real
+   kernel (``varlen``, and ``flash_attention_2`` when flash-attn imports) at N = 1 on the one GPU
+   against the kernel itself and the padded reference (bf16, 2e-2); prompt sharing through
+   FlexAttention against standard packing (fp32, 1e-4); a 1-process ZeRO-3 training step
+   (``launch/train.py``) against the reference loss (fp32, 1e-5). The dry run checks the wrapper around
+   ``sdpa_varlen`` (fp32, 1e-5).
 2. ``throughput``: ``bench.throughput`` on a Qwen2-0.5B-shaped random model, UltraFeedback-like
    lengths, bf16, 8192 tokens per micro-batch — packed vs padded vs TRL CPO-simpo; then the packed
    path alone on a Qwen2-1.5B shape for MFU (honest count, ``simpo_ds.flops``).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,16 +70,24 @@ def _tiny(device: str, dtype, attn: str, vocab: int = 512):
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def _logps_and_grads(model, batch, impl: str):
-    """Per-sequence average log-probs [2P] (chosen, rejected order) and parameter grads of their sum."""
+def _logps_and_grads(model, batch, impl: str, sp=None):
+    """Per-sequence average log-probs [2P] (chosen, rejected order) and parameter grads of their sum.
+
+    ``sp``: a ``SequenceParallel`` (the model's attention then being the Ulysses wrapper of ``impl``): the
+    row goes the trainer's way — padded to a multiple of N, on the device, the whole row's cu_seqlens
+    kwargs, then this rank's slice."""
     import torch
 
+    from simpo_ds import sequence_parallel as spm
     from simpo_ds.attention import attention_kwargs
     from simpo_ds.model import SimPOPolicy, batch_to_device
 
     model.zero_grad(set_to_none=True)
-    policy = SimPOPolicy(model, attn_kwargs_fn=lambda b: attention_kwargs(b, impl))
-    batch = batch_to_device(batch, next(model.parameters()).device)
+    policy = SimPOPolicy(model, attn_kwargs_fn=lambda b: attention_kwargs(b, impl), sequence_parallel=sp)
+    batch = batch_to_device(batch if sp is None else spm.pad_row(batch, sp.size, 0), next(model.parameters()).device)
+    if sp is not None:
+        batch["attention_kwargs"] = attention_kwargs(batch, impl)
+        batch = spm.slice_row(batch, sp)
     seq = policy(batch)
     avg = seq.average
     order = torch.cat([batch["chosen_seq"], batch["rejected_seq"]])
@@ -100,6 +112,43 @@ def compare_layouts(device: str, dtype_name: str, packed_impl: str, scale: int) 
     ref_logps, ref_grads = _logps_and_grads(_tiny(device, dtype, "sdpa"), collate_padded(pairs, 0), "sdpa")
     logps, grads = _logps_and_grads(_tiny(device, dtype, packed_impl), collate_packed(pairs), packed_impl)
     return {"logps": _max_rel(logps, ref_logps), "grads": max(_max_rel(grads[n], ref_grads[n]) for n in ref_grads)}
+
+
+def compare_ulysses(device: str, dtype_name: str, kernel: str, scale: int) -> dict:
+    """The Ulysses wrapper of ``kernel`` (what ``sequence_parallel_size > 1`` trains with) at N = 1 vs
+    ``kernel`` itself and vs the padded sdpa reference: worst relative errors.
+
+    N = 1 in this process (a world-1 group: one GPU cannot host two NCCL ranks), so the all-to-alls
+    exchange nothing, but everything else is the sequence-parallel path on the real kernel: the model
+    loaded under the wrapper's name, the kernel reached under its own name (flash_attention_2: transformers
+    loads flash-attn by the config's name), the row padded/sliced with the whole row's cu_seqlens kwargs.
+    The numbers across ranks are the CPU tests' (tests/test_sequence_parallel.py, N = 2 and 4)."""
+    import torch
+    import torch.distributed as dist
+
+    from simpo_ds import sequence_parallel as spm
+    from simpo_ds.attention import register_attention
+    from simpo_ds.data.packing import collate_packed, collate_padded
+
+    register_attention()
+    dtype = getattr(torch, dtype_name)
+    pairs = _pairs(2, 6, 512, scale)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sp = spm.make_groups(1, 0, 1)
+        name = spm.register(kernel)
+        ref_logps, ref_grads = _logps_and_grads(_tiny(device, dtype, "sdpa"), collate_padded(pairs, 0), "sdpa")
+        plain_logps, plain_grads = _logps_and_grads(_tiny(device, dtype, kernel), collate_packed(pairs), kernel)
+        logps, grads = _logps_and_grads(_tiny(device, dtype, name), collate_packed(pairs), kernel, sp=sp)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return {"wrapper": name,
+            "logps": _max_rel(logps, ref_logps), "grads": max(_max_rel(grads[n], ref_grads[n]) for n in ref_grads),
+            "vs_kernel_logps": _max_rel(logps, plain_logps),
+            "vs_kernel_grads": max(_max_rel(grads[n], plain_grads[n]) for n in plain_grads)}
 
 
 def compare_sharing(device: str, scale: int) -> dict:
@@ -135,6 +184,7 @@ def zero3_step(out: Path, dry: bool) -> dict:
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 2048}
     summary = build(out / "data", pairs=16, scale=8, model_shape=shape)
     run = out / "zero3_run"
+    shutil.rmtree(run, ignore_errors=True)  # a rerun in the same --out: one step, one train record
     cmd = [sys.executable, "launch/train.py", "--model_name_or_path", summary["paths"]["model"], "--train_data",
            summary["paths"]["uf_like"], "--output_dir", str(run), "--ds", "ds_configs/zero3.json", "--max_steps", "1",
            "--train_batch_size", "8", "--torch_dtype", "float32", "--max_length", "4096", "--max_prompt_length", "4000",
@@ -166,25 +216,36 @@ def zero3_step(out: Path, dry: bool) -> dict:
 def phase_exact(out: Path, dry: bool) -> dict:
     import torch
 
+    from simpo_ds.attention import _flash_attn_available
+
     device = "cpu" if dry else "cuda"
     if not dry:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     scale = 1 if dry else 8
     packed = "sdpa_varlen" if dry else "varlen"
     result = {"device": device, "fp32": {"tolerance": 1e-4, **compare_layouts(device, "float32", packed, scale)}}
+    flash = not dry and _flash_attn_available()
     if not dry:
         result["bf16"] = {"tolerance": 2e-2, **compare_layouts(device, "bfloat16", packed, scale)}
-        try:
-            import flash_attn  # noqa: F401
-
-            result["flash_attention_2_bf16"] = {"tolerance": 2e-2,
-                                                **compare_layouts(device, "bfloat16", "flash_attention_2", scale)}
-        except ImportError:
-            result["flash_attention_2_bf16"] = "flash-attn not installed"
+        result["flash_attention_2_bf16"] = ({"tolerance": 2e-2,
+                                             **compare_layouts(device, "bfloat16", "flash_attention_2", scale)}
+                                            if flash else "flash-attn not installed")
+    # sequence parallelism's wrapper around each real kernel (bf16: the CUDA kernels take no fp32)
+    ulysses_dtype, ulysses_tol = ("float32", 1e-5) if dry else ("bfloat16", 2e-2)
+    for kernel in [packed] + (["flash_attention_2"] if flash else []):
+        result[f"ulysses_{kernel}_{ulysses_dtype}"] = {"tolerance": ulysses_tol,
+                                                       **compare_ulysses(device, ulysses_dtype, kernel, scale)}
+    if not dry and not flash:
+        result["ulysses_flash_attention_2_bfloat16"] = "flash-attn not installed"
     result["prompt_sharing"] = {"tolerance": 1e-4, **compare_sharing(device, scale)}
     result["zero3_step"] = {"tolerance": 1e-5, **zero3_step(out, dry)}
-    checks = [result["fp32"], result.get("bf16"), result["prompt_sharing"]]
+    ulysses = [c for key, c in result.items() if key.startswith("ulysses_") and isinstance(c, dict)]
+    checks = [result["fp32"], result.get("bf16"), result["prompt_sharing"], *ulysses]
+    if isinstance(result.get("flash_attention_2_bf16"), dict):
+        checks.append(result["flash_attention_2_bf16"])
     result["pass"] = all(c["logps"] <= c["tolerance"] and c["grads"] <= c["tolerance"] for c in checks if c)
+    result["pass"] = result["pass"] and all(max(c["vs_kernel_logps"], c["vs_kernel_grads"]) <= c["tolerance"]
+                                            for c in ulysses)
     result["pass"] = result["pass"] and result["zero3_step"]["rel_error"] <= 1e-5
     return result
 

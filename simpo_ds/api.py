@@ -42,7 +42,7 @@ from simpo_ds.trainer import PairData, Trainer
 logger = logging.getLogger("simpo_ds")
 
 _UNSUPPORTED = {
-    "data_collator": "simpo-ds packs pairs itself (DESIGN §3); drop data_collator, or set packing=False "
+    "data_collator": "simpo-ds packs pairs itself (docs/design.md §3); drop data_collator, or set packing=False "
     "for padded reference batches",
     "model_init": "pass model= (a name or a PreTrainedModel); hyperparameter search is not supported",
     "optimizers": "configure AdamW through SimPOConfig (learning_rate, adam_*, weight_decay, "

@@ -1,6 +1,6 @@
 """Attention backends for packed rows: the choice, the forward kwargs, and the ``varlen`` kernel.
 
-A packed micro-batch is ONE row of concatenated sequences (DESIGN.md §3)::
+A packed micro-batch is ONE row of concatenated sequences (docs/design.md §3)::
 
     input_ids     [1, T]   position_ids [1, T] (restart at 0 per sequence)
     cu_seqlens    [S+1]    int32, e.g. lengths [5, 3, 3, 3] -> [0, 5, 8, 11, 14]; max_seqlen = 5
@@ -14,9 +14,11 @@ with NO ``attention_mask``. Attention must then be block-diagonal causal; per ba
 - ``sdpa`` / ``eager`` (CPU, reference): transformers builds the block-causal mask from the restarting
   ``position_ids``, but ONLY when ``attention_mask is None`` and no cache is used. An all-ones mask or a
   live cache makes sequences silently attend to each other (tests/test_attention.py guards this).
-- ``flash_attention_2`` (flash-attn installed, CUDA): transformers' flash path reads the
+- ``flash_attention_2`` (flash-attn installed, CUDA, fp16/bf16): transformers' flash path reads the
   ``FlashAttentionKwargs`` (``cu_seq_lens_q/k``, ``max_length_q/k``) and calls the varlen kernel with
   them; without them it would derive them from position_ids (an extra device sync per layer call).
+  It loads flash-attn by the model config's attention name, so a wrapper around it (sequence
+  parallelism) hands it a view of the module carrying its own name (``simpo_ds.sequence_parallel``).
 - ``varlen`` (CUDA, no extra package): :func:`varlen_attention_forward`, registered here through
   ``transformers.AttentionInterface``, runs ``torch.nn.attention.varlen.varlen_attn`` on the same kwargs.
 - ``sdpa_varlen`` (CPU default): :func:`sdpa_varlen_attention_forward`, registered the same way, runs
@@ -40,10 +42,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from simpo_ds.config import ConfigError
+
 VARLEN = "varlen"
 SDPA_VARLEN = "sdpa_varlen"
 IMPLEMENTATIONS = ("auto", "flash_attention_2", VARLEN, SDPA_VARLEN, "sdpa", "eager")
 CU_SEQLENS_IMPLEMENTATIONS = (VARLEN, SDPA_VARLEN, "flash_attention_2")  # take cu_seqlens kwargs
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA flash kernels (varlen, flash_attention_2) take
 
 # The FlashAttentionKwargs names: transformers 5.24 forwards every extra forward kwarg unchanged from
 # XxxForCausalLM / XxxModel through the decoder layers to the attention function (checked for Llama
@@ -75,51 +80,58 @@ def _varlen_available() -> bool:
     return True
 
 
-def choose_attn_implementation(requested: str, device_type: str, packing: bool = True) -> str:
+def refuse_attn_implementation(value: str, why: str) -> ConfigError:
+    """The error for an ``attn_implementation`` that cannot run here: a ConfigError naming the key and the
+    value (the CLI prints its one line and exits 2)."""
+    return ConfigError(f"config key 'attn_implementation': {value!r} {why}")
+
+
+def choose_attn_implementation(requested: str, device_type: str, packing: bool = True,
+                               dtype: torch.dtype | None = None) -> str:
     """Resolve the config's ``attn_implementation`` to the name passed to ``from_pretrained``.
 
-    ``auto``: ``flash_attention_2`` on CUDA when flash-attn imports, else ``varlen`` on CUDA when torch has
-    ``torch.nn.attention.varlen``, else ``sdpa_varlen`` (CPU); ``sdpa`` for padded batches
-    (``packing=False``). Explicit choices are checked against the device, the batch layout and the
-    installed packages and fail with a message saying what to do. Registers ``varlen``/``sdpa_varlen``.
+    ``dtype``: the model's compute dtype (None: not known yet, taken as half precision). ``auto``:
+    ``flash_attention_2`` on CUDA when flash-attn imports, else ``varlen`` on CUDA when torch has
+    ``torch.nn.attention.varlen`` — both for fp16/bf16 only, their CUDA kernels take no fp32 — else
+    ``sdpa_varlen`` (CPU, or fp32); ``sdpa`` for padded batches (``packing=False``). Explicit choices are
+    checked against the device, the dtype, the batch layout and the installed packages; one that cannot
+    run raises :class:`ConfigError` saying why and what to use. Registers ``varlen``/``sdpa_varlen``.
     """
     if requested not in IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={requested!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+        raise refuse_attn_implementation(requested, f"is not one of {', '.join(IMPLEMENTATIONS)}")
     cuda = device_type == "cuda"
+    half = dtype is None or dtype in HALF_DTYPES
     if requested == "auto":
-        if cuda and _flash_attn_available():
+        if cuda and half and _flash_attn_available():
             return "flash_attention_2"
         if not packing:
             return "sdpa"
-        requested = VARLEN if cuda and _varlen_available() else SDPA_VARLEN
+        requested = VARLEN if cuda and half and _varlen_available() else SDPA_VARLEN
     elif requested in (VARLEN, SDPA_VARLEN) and not packing:
-        raise ValueError(
-            f"attn_implementation={requested!r} attends within the sequences of a packed row; padded batches "
-            "(packing: false) need 'sdpa', 'eager' or 'flash_attention_2'"
-        )
+        raise refuse_attn_implementation(
+            requested, "attends within the sequences of a packed row; padded batches (packing: false) need 'sdpa', "
+            "'eager' or 'flash_attention_2'")
     elif requested == "flash_attention_2":
         if not cuda:
-            raise ValueError(
-                f"attn_implementation='flash_attention_2' needs CUDA (device is {device_type!r}); "
-                "use 'sdpa_varlen', 'sdpa' or 'eager' here"
-            )
+            raise refuse_attn_implementation(
+                requested, f"needs CUDA (device is {device_type!r}); use 'sdpa_varlen', 'sdpa' or 'eager' here")
         if not _flash_attn_available():
-            raise ValueError(
-                "attn_implementation='flash_attention_2' but flash-attn is not installed (or does not import): "
-                "`pip install simpo-ds[flash]`, or use attn_implementation='varlen' (torch >= 2.10, no extra "
-                "package) or 'sdpa'"
-            )
+            raise refuse_attn_implementation(
+                requested, "needs flash-attn, which is not installed (or does not import): `pip install "
+                "simpo-ds[flash]`, or use 'varlen' (torch >= 2.10, no extra package) or 'sdpa'")
     elif requested == VARLEN:
         if not cuda:
-            raise ValueError(
-                f"attn_implementation='varlen' runs torch's CUDA flash kernel and cannot run on {device_type!r}; "
-                "use 'sdpa_varlen' (one sdpa call per sequence), 'sdpa' or 'eager'"
-            )
+            raise refuse_attn_implementation(
+                requested, f"runs torch's CUDA flash kernel and cannot run on {device_type!r}; use 'sdpa_varlen' "
+                "(one sdpa call per sequence), 'sdpa' or 'eager'")
         if not _varlen_available():
-            raise ValueError(
-                f"attn_implementation='varlen' needs torch.nn.attention.varlen (torch >= 2.10, found "
-                f"{torch.__version__}); upgrade torch, `pip install simpo-ds[flash]`, or use 'sdpa'"
-            )
+            raise refuse_attn_implementation(
+                requested, f"needs torch.nn.attention.varlen (torch >= 2.10, found {torch.__version__}); upgrade "
+                "torch, `pip install simpo-ds[flash]`, or use 'sdpa'")
+    if requested in (VARLEN, "flash_attention_2") and not half:
+        raise refuse_attn_implementation(
+            requested, f"runs a flash kernel, which takes float16/bfloat16 only, and the model is {dtype} "
+            "(torch_dtype): set torch_dtype bfloat16, or use 'sdpa_varlen' (packed rows) or 'sdpa'")
     if requested in (VARLEN, SDPA_VARLEN):
         register_attention()
     return requested
@@ -255,7 +267,7 @@ def _varlen_kernel(
 def check_attention_features(impl: str, module, dropout: float, sliding_window, softcap, kwargs: dict) -> None:
     """Refuse what our packed-row attentions cannot do (softcapping, sliding windows, sinks, non-causal
     layers, dropout), naming the model's attention class and ``impl``."""
-    name = type(module).__name__
+    name = module.__class__.__name__  # not type(): a wrapper's view of the module names the module's class
     if softcap is not None:
         raise NotImplementedError(f"{name} uses attention logit softcapping; {impl} attention does not support it")
     if sliding_window is not None:
@@ -268,14 +280,14 @@ def check_attention_features(impl: str, module, dropout: float, sliding_window, 
         raise NotImplementedError(f"attention dropout {dropout} with {impl} attention: disable dropout")
 
 
-def _check_cu_seqlens_call(impl: str, attention_mask, kwargs: dict) -> None:
-    """A packed-row call of a cu_seqlens attention: no mask, and the cu_seqlens kwargs present."""
+def check_packed_row_call(impl: str, attention_mask, kwargs: dict) -> None:
+    """A packed-row call of a cu_seqlens attention ``impl``: no mask, and the cu_seqlens kwargs present."""
     if attention_mask is not None:
         raise ValueError(f"{impl} attention takes no attention_mask: call the model on a packed row without one")
     if kwargs.get("cu_seq_lens_q") is None or kwargs.get("max_length_q") is None:
         raise ValueError(
             f"{impl} attention needs cu_seq_lens_q/k and max_length_q/k in the forward kwargs: call the model "
-            f"with **attention_kwargs(batch, {impl!r}) on a packed row (padded batches: use sdpa)"
+            "with the packed row's **attention_kwargs(batch, kernel) (simpo_ds.attention; padded batches: use sdpa)"
         )
 
 
@@ -298,7 +310,7 @@ def varlen_attention_forward(
     -> (attn_output [B, L, Hq, d], None). Honours ``scaling``; dropout must be 0 (varlen has none).
     """
     check_attention_features(VARLEN, module, dropout, sliding_window, softcap, kwargs)
-    _check_cu_seqlens_call(VARLEN, attention_mask, kwargs)
+    check_packed_row_call(VARLEN, attention_mask, kwargs)
     cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     batch, heads, length, head_dim = query.shape  # cu_seqlens[-1] == B·L is checked in attention_kwargs
 

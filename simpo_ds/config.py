@@ -39,7 +39,7 @@ class SimPOConfig:
     gguf_file: Optional[str] = None  # load weights from this gguf file inside model_name_or_path
     model_revision: str = "main"  # hub revision (branch, tag or commit) of the model and tokenizer
     torch_dtype: Optional[str] = "auto"  # auto or null (bf16 on GPU, fp32 on CPU; bf16/fp16 keys override) | float32 | bfloat16 | float16
-    attn_implementation: str = "auto"  # auto | flash_attention_2 | varlen | sdpa_varlen | sdpa | eager
+    attn_implementation: str = "auto"  # auto (CUDA bf16/fp16: flash_attention_2 or varlen; else sdpa_varlen) | flash_attention_2 | varlen | sdpa_varlen | sdpa | eager
     use_flash_attention_2: bool = False  # alignment-handbook alias of attn_implementation: flash_attention_2
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (use_reentrant=False)
     gradient_checkpointing_kwargs: Optional[dict] = None  # only {use_reentrant: false} (what simpo-ds always uses)

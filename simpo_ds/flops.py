@@ -29,7 +29,7 @@ Recomputation
 
 Worked example — tests/tiny_models.py's Llama (2 layers, H = H_q = 64, V = 101; per layer q, o 64×64,
 k, v 64×32, gate, up, down 64×128: N_body = 73,728 matmul weights, all trainable), one packed row of
-the sequences [5, 3, 3, 3] (T = 14 tokens, 8 answer-label rows; DESIGN.md §3's example)::
+the sequences [5, 3, 3, 3] (T = 14 tokens, 8 answer-label rows; docs/design.md §3's example)::
 
     body  6 · 73,728 · 14                 =  6,193,152
     head  6 · 64 · 101 · 8                =    310,272

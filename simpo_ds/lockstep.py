@@ -2,7 +2,7 @@
 
 Under ZeRO-3 each call of a module with partitioned parameters all-gathers them, in forward and again
 in the backward recomputation; a rank that calls a module more often than its peers pairs its gathers
-with the wrong ones and the job crashes ("collective mismatch") or hangs (DESIGN.md §4). The trainer
+with the wrong ones and the job crashes ("collective mismatch") or hangs (docs/design.md §4). The trainer
 keeps ranks in lock-step by construction (same micro-batch count, lm_head chunk counts agreed from the
 pack plan); this check proves it at run time and names the module when it does not hold::
 

@@ -8,7 +8,7 @@ Maths (Meng, Xia & Chen 2024; reference ``SimPOTrainer.simpo_loss``), for a pair
     hinge:   loss = relu(1 - beta z)
     total = mean over the step's pairs [+ sft_weight * token-mean NLL of the step's chosen answers]
 
-Normalisation (DESIGN.md §5): a micro-batch contributes ``sum(pair losses) / N_step_pairs`` (plus
+Normalisation (docs/design.md §5): a micro-batch contributes ``sum(pair losses) / N_step_pairs`` (plus
 ``sft_weight * chosen NLL sum / N_step_chosen_tokens``), so the gradient of a step equals the gradient
 of the mean over exactly its pairs however they fall into micro-batches and ranks.
 """
@@ -97,7 +97,7 @@ def num_chunks(rows: int, chunk_size: int) -> int:
 
 def lockstep_chunk_counts(rows: Sequence[Sequence[int]], chunk_size: int) -> list[int]:
     """rows[rank][micro-batch] (answer-label rows each rank's micro-batch will hold) -> the chunk count
-    of every micro-batch that EVERY rank runs: the max over ranks (ZeRO-3 lock-step, DESIGN.md §4).
+    of every micro-batch that EVERY rank runs: the max over ranks (ZeRO-3 lock-step, docs/design.md §4).
 
     The pack plan is computed identically on every rank, so each rank derives the same counts from it
     without a collective. A rank with fewer rows runs empty chunks (its lm_head is still called)."""

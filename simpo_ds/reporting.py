@@ -1,6 +1,6 @@
 """Where metrics go: ``output_dir/metrics.jsonl`` (rank 0, one flushed line per event), wandb, a bar.
 
-Record format (DESIGN.md §7)::
+Record format (docs/design.md §7)::
 
     {"step": 10, "split": "train", "time": 1764000000.0, "epoch": 0.31, "loss": 0.69,
      "rewards/accuracies": 0.62, ..., "lr": 1e-6, "grad_norm": 3.1, "tokens_per_s": 1840.2}

@@ -163,29 +163,79 @@ def _scatter_sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     return torch.cat(_AllToAll.apply(torch.stack(x.chunk(sp.size, dim=2)), sp.group).unbind(0), dim=1)
 
 
+class _AsKernel:
+    """The attention module as the kernel ``base_name`` sees it inside the wrapper: the module itself in
+    every attribute (``is_causal``, ``layer_idx``, ``modules()``, ``isinstance``), except that
+    ``config._attn_implementation`` is the kernel's own name. transformers' ``flash_attention_2`` forward
+    loads its flash-attn functions by that config name on every call; the wrapper's name must not
+    reach it (:func:`wrapper_name`)."""
+
+    def __init__(self, module, base_name: str):
+        self._module = module
+        self.config = _ConfigAs(module.config, base_name)
+
+    @property
+    def __class__(self):  # isinstance / error messages see the model's attention class
+        return type(self._module)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class _ConfigAs:
+    """A model config as the kernel sees it: every attribute of ``config``, ``_attn_implementation`` = ``name``."""
+
+    def __init__(self, config, name: str):
+        self._config = config
+        self._attn_implementation = name
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
 def ulysses_attention(base_name: str):
     """An attention function (transformers' ``AttentionInterface`` signature) running ``base_name``
-    (a cu_seqlens implementation) on all tokens of H/N heads between two all-to-alls."""
+    (a cu_seqlens implementation) on all tokens of H/N heads between two all-to-alls.
+
+    query [1, H, T/N, d], key/value [1, Hkv, T/N, d] (this rank's slice), kwargs ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` of the WHOLE padded row (:func:`simpo_ds.attention.attention_kwargs` before
+    :func:`slice_row`) -> ([1, T/N, H, d], None). The kernel gets [1, H/N, T, d] and exactly those kwargs:
+    the gathered row is the row they describe (a kernel that derived its segments from the slice's
+    ``position_ids`` instead would be wrong, so a call without them is refused)."""
+    from simpo_ds.attention import check_packed_row_call
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        check_packed_row_call(f"sequence-parallel {base_name}", attention_mask, kwargs)
         sp = _ACTIVE
         heads, kv_heads = query.shape[1], key.shape[1]
         if kv_heads % sp.size:  # GQA groups must not straddle ranks: give every query head its own kv
             key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
         q, k, v = (_gather_sequence(t, sp) for t in (query, key, value))
-        out, _ = ALL_ATTENTION_FUNCTIONS[base_name](module, q, k, v, None, **kwargs)  # [1, T, H/N, d]
+        kernel = ALL_ATTENTION_FUNCTIONS[base_name]
+        out, _ = kernel(_AsKernel(module, base_name), q, k, v, None, **kwargs)  # [1, T, H/N, d]
         return _scatter_sequence(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
 
     return attention
 
 
+def wrapper_name(base_name: str) -> str:
+    """The name the Ulysses wrapper of ``base_name`` is registered under: ``ulysses_`` + the kernel's name
+    with "flash" spelled "fa" (``flash_attention_2`` -> ``ulysses_fa_attention_2``; ``sdpa_varlen`` ->
+    ``ulysses_sdpa_varlen``). transformers reads "flash" anywhere in a model's attention name as "load
+    flash-attn functions by this name" (at load, and in every flash call): a wrapper named
+    ``ulysses_flash_attention_2`` fails with "Could not find the currently requested flash attention
+    implementation". The kernel inside sees its own name (:class:`_AsKernel`)."""
+    return PREFIX + base_name.replace("flash", "fa")
+
+
 def register(base_name: str) -> str:
-    """Register the Ulysses wrapper of ``base_name`` (no mask function: attention_mask stays None)."""
+    """Register the Ulysses wrapper of ``base_name`` (no mask function: attention_mask stays None);
+    returns its name (:func:`wrapper_name`), the model's ``attn_implementation`` under sequence parallelism."""
     from transformers import AttentionInterface
 
-    name = PREFIX + base_name
+    name = wrapper_name(base_name)
     AttentionInterface.register(name, ulysses_attention(base_name))
     return name
 

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import torch
 
-from simpo_ds.attention import check_attention_features
+from simpo_ds.attention import check_attention_features, refuse_attn_implementation
 from simpo_ds.data.sharing import shared_attention_allowed, shared_attention_mask
 
 FLEX = "prompt_sharing_flex"
 DENSE = ("sdpa", "eager")
 
 _UNSUPPORTED = (
-    "prompt_sharing needs an attention that takes a [prompt | chosen | rejected] mask (rejected must not "
-    "see chosen); attn_implementation={impl!r} only does block-diagonal causal attention. Use "
-    "attn_implementation 'auto' (FlexAttention on CUDA, sdpa on CPU), 'sdpa' or 'eager' — or set "
-    "prompt_sharing false"
+    "only does block-diagonal causal attention: prompt_sharing needs an attention that takes a "
+    "[prompt | chosen | rejected] mask (rejected must not see chosen). Use attn_implementation 'auto' "
+    "(FlexAttention on CUDA, sdpa on CPU), 'sdpa' or 'eager' — or set prompt_sharing false"
 )
 
 
@@ -56,19 +55,22 @@ def choose_shared_attn_implementation(requested: str, device_type: str) -> str:
     """``attn_implementation`` for a prompt-sharing run (replaces ``choose_attn_implementation``).
 
     ``auto``: ``prompt_sharing_flex`` on CUDA (FlexAttention available; registered here), else ``sdpa``.
-    ``sdpa`` / ``eager``: as asked (dense T x T mask). ``varlen`` / ``flash_attention_2``: ValueError
-    saying what to use instead.
+    ``sdpa`` / ``eager``: as asked (dense T x T mask). Anything else (``varlen``, ``sdpa_varlen``,
+    ``flash_attention_2``, FlexAttention off CUDA): a :class:`ConfigError` naming ``attn_implementation``
+    and saying what to use instead.
     """
-    if requested in ("varlen", "flash_attention_2"):
-        raise ValueError(_UNSUPPORTED.format(impl=requested))
+    if requested in ("varlen", "sdpa_varlen", "flash_attention_2"):
+        raise refuse_attn_implementation(requested, _UNSUPPORTED)
     if requested == "auto":
         requested = FLEX if device_type == "cuda" and flex_available() else "sdpa"
     if requested == FLEX:
         if device_type != "cuda":
-            raise ValueError(f"{FLEX} (FlexAttention) has no CPU backward in torch: use 'sdpa' or 'eager' here")
+            raise refuse_attn_implementation(
+                requested, f"(FlexAttention) has no CPU backward in torch (device is {device_type!r}): use 'sdpa' or "
+                "'eager' here")
         register_shared_attention()
     elif requested not in DENSE:
-        raise ValueError(f"attn_implementation={requested!r} is not one of auto, sdpa, eager for prompt_sharing")
+        raise refuse_attn_implementation(requested, "is not one of auto, sdpa, eager for prompt_sharing")
     return requested
 
 
@@ -115,7 +117,7 @@ def prompt_sharing_mask(batch: dict, attn_impl: str, dtype: torch.dtype):
         return shared_attention_mask(seg, role, dtype)
     if attn_impl == FLEX:
         return shared_block_mask(seg, role)
-    raise ValueError(_UNSUPPORTED.format(impl=attn_impl))
+    raise ValueError(f"attn_implementation={attn_impl!r} " + _UNSUPPORTED)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -265,7 +265,8 @@ def build_report(dataset: str, tokenizer_path: str, cfg, batch_size: int, world_
 
     out = [f"# Length statistics: `{dataset}`", ""]
     out += [f"tokenizer `{tokenizer_path}`, chat_template_mode `{cfg.chat_template_mode}`, "
-            f"auto_insert_empty_system_msg `{cfg.auto_insert_empty_system_msg}`, {len(raw)} rows", ""]
+            f"auto_insert_empty_system_msg `{cfg.auto_insert_empty_system_msg}`, {formats['rows']} rows"
+            + (f" ({len(raw)} after dropping score ties)" if formats["ties_dropped"] else ""), ""]
     out += [f"format: **{formats['format']}**" + (f"; scores {formats['scores']}: {formats['ties']} tie(s)"
             + (" dropped (drop_ties)" if formats["ties_dropped"] else "") if formats["scores"] else ""), ""]
     out += ["## Token lengths (untruncated)", ""]

@@ -6,7 +6,7 @@
 One optimizer step = ``train_batch_size`` pairs (global). They are balanced over ranks by tokens,
 packed per rank into micro-batches under ``max_tokens_per_microbatch`` (same count on every rank),
 and each micro-batch contributes sum(pair losses) / N_step_pairs, so the gradient is that of the mean
-loss over the step's pairs whatever the packing (DESIGN.md §5). The data order is a seeded
+loss over the step's pairs whatever the packing (docs/design.md §5). The data order is a seeded
 permutation per epoch, so the data position of a checkpoint is just the step number.
 """
 
@@ -32,8 +32,7 @@ from simpo_ds.attention import CU_SEQLENS_IMPLEMENTATIONS, attention_kwargs, cho
 from simpo_ds.callbacks import CONTROL_FLAGS, split_callbacks, trainer_log_names
 from simpo_ds.config import ConfigError, SimPOConfig, no_effect_keys
 from simpo_ds.data import mixer
-from simpo_ds.data.formats import to_canonical
-from simpo_ds.data.load import load_pairs, tokenize_dataset, validate_columns
+from simpo_ds.data.load import prepare_pairs
 from simpo_ds.data.packing import collate_packed, collate_padded, plan_step
 from simpo_ds.data.sharing import collate_shared, shared_pair_num_tokens
 from simpo_ds.data.tokenize import DataError
@@ -182,8 +181,8 @@ class Trainer:
         ``do_eval: false``."""
         cfg = self.cfg
         if cfg.dataset_mixer:
-            train = partial(mixer.load_split_kind, cfg, "train")
-            evaluation = partial(mixer.load_split_kind, cfg, "test") if any("test" in s for s in cfg.dataset_splits) else None
+            train = partial(mixer.mixture_parts, cfg, "train")
+            evaluation = partial(mixer.mixture_parts, cfg, "test") if any("test" in s for s in cfg.dataset_splits) else None
         else:
             train = self._train_arg if self._train_arg is not None else cfg.train_data
             evaluation = self._eval_arg if self._eval_arg is not None else cfg.eval_data
@@ -210,18 +209,8 @@ class Trainer:
         return PairData(tokenized)
 
     def _tokenize_split(self, source, name: str):
-        raw = source() if callable(source) else load_pairs(source) if isinstance(source, str) else source
-        if raw is None:  # a mixer whose dataset_splits name no train split
-            raise DataError(f"{name}: dataset_splits {self.cfg.dataset_splits} name no train split (a name with 'train')")
-        raw, formats = to_canonical(raw, name, self.cfg.drop_ties)
-        report = validate_columns(raw, name)
-        if formats["ties"]:
-            report["warnings"]["score ties"] = formats["ties"]
-        tokenized, stats = tokenize_dataset(raw, self.tokenizer, self.cfg, num_proc=self.cfg.dataset_num_proc)
-        if len(tokenized) == 0:
-            raise DataError(f"{name}: no trainable pairs left after tokenization ({stats})")
-        stats.update(format=formats["format"], score_ties=formats["ties"], ties_dropped=formats["ties_dropped"])
-        return tokenized, stats, report
+        """(tokenized, data record, report): ``simpo_ds.data.load.prepare_pairs``."""
+        return prepare_pairs(source, name, self.tokenizer, self.cfg, num_proc=self.cfg.dataset_num_proc)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -229,7 +218,8 @@ class Trainer:
         if cfg.prompt_sharing:
             self.attn_impl = choose_shared_attn_implementation(cfg.attn_implementation, self.device_type)
         else:
-            self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type, cfg.packing)
+            self.attn_impl = choose_attn_implementation(cfg.attn_implementation, self.device_type, cfg.packing,
+                                                        self.dtype)
         register_attention()
         model_config = _model_config(cfg, self._model_arg)
         self.base_attn_impl = self.attn_impl  # the kernel; under sequence parallelism wrapped by all-to-alls
@@ -410,7 +400,7 @@ class Trainer:
     def _micro_batches(self, data: PairData, pair_ids: np.ndarray, what: str):
         """This rank's micro-batches of ``pair_ids`` -> (k, count, MicroBatchPlan, batch, work, once).
 
-        Lock-step across ranks (ZeRO-3, DESIGN.md §4-5): the pack plan is computed identically on every
+        Lock-step across ranks (ZeRO-3, docs/design.md §4-5): the pack plan is computed identically on every
         rank, so every rank runs the same number of micro-batches and, in micro-batch k, the same number
         of lm_head chunks (``batch["num_chunks"]``: the most any rank's micro-batch k needs). With
         sequence parallelism the plan is over the ``world / N`` groups, each rank gets its slice of its

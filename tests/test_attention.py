@@ -39,7 +39,7 @@ def _registered():
 
 
 def packed_row(lengths=LENGTHS, seed: int = 0, vocab: int = 101) -> tuple[dict, list[torch.Tensor]]:
-    """A packed batch (DESIGN §3) of random sequences, and the sequences themselves."""
+    """A packed batch (docs/design.md §3) of random sequences, and the sequences themselves."""
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(1, vocab, (n,), generator=g) for n in lengths]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -303,6 +303,62 @@ def test_attention_kwargs():
         attention_kwargs(batch, "flex_attention")
 
 
+# --- flash_attention_2: transformers' own flash path, over the CPU stand-in of flash-attn --------------
+
+
+def _pairs(seed: int = 0, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt, chosen, rejected = (torch.randint(3, 100, (int(torch.randint(1, 7, (1,), generator=g)),),
+                                                  generator=g).tolist() for _ in range(3))
+        out.append({"chosen_input_ids": prompt + chosen, "chosen_prompt_len": len(prompt),
+                    "rejected_input_ids": prompt + rejected, "rejected_prompt_len": len(prompt)})
+    return out
+
+
+def _policy_logps_and_grads(model, batch, impl: str):
+    """Per-sequence average answer log-probs [2P] (chosen then rejected) and the gradients of a weighted sum."""
+    from simpo_ds.model import SimPOPolicy
+
+    avg = SimPOPolicy(model, chunk_size=4, attn_kwargs_fn=lambda b: attention_kwargs(b, impl))(batch).average
+    avg = avg[torch.cat([batch["chosen_seq"], batch["rejected_seq"]])]
+    (avg * torch.arange(1.0, len(avg) + 1)).sum().backward()
+    return avg.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flash_attention_2_packed_row_equals_sdpa_reference(arch, monkeypatch):
+    """attn_implementation="flash_attention_2" on a packed row (restarting position_ids, the row's
+    cu_seqlens kwargs) == the padded sdpa reference: per-sequence log-probs and every gradient (1e-5).
+    flash-attn runs as tests/flash_attn_standin.py, so transformers' own flash path (name lookup,
+    kwargs, layout) is what is tested; each layer's kernel call gets the row's cu_seqlens / max_seqlen."""
+    import flash_attn_standin
+
+    from simpo_ds.data.packing import collate_packed, collate_padded
+
+    calls = flash_attn_standin.install(monkeypatch)
+    pairs = _pairs()
+    ref_logps, ref_grads = _policy_logps_and_grads(tiny_model(arch, "sdpa"), collate_padded(pairs, 0), "sdpa")
+    model = tiny_model(arch, "sdpa")  # same seed, same weights; built as sdpa (transformers' init check wants CUDA)
+    model.config._attn_implementation = "flash_attention_2"
+    batch = collate_packed(pairs)
+    logps, grads = _policy_logps_and_grads(model, batch, "flash_attention_2")
+    torch.testing.assert_close(logps, ref_logps, rtol=0, atol=TOL)
+    for name, ref in ref_grads.items():
+        assert (grads[name] - ref).abs().max() <= TOL * ref.abs().max(), name
+    cfg, tokens = model.config, batch["input_ids"].shape[1]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert len(calls) == cfg.num_hidden_layers
+    for call in calls:
+        assert call["fn"] == "flash_attn_varlen_func" and call["causal"]
+        assert call["q_shape"] == (tokens, cfg.num_attention_heads, head_dim)
+        assert call["k_shape"] == (tokens, cfg.num_key_value_heads, head_dim)  # GQA handed to the kernel
+        assert torch.equal(call["cu_seqlens_q"], batch["cu_seqlens"])
+        assert torch.equal(call["cu_seqlens_k"], batch["cu_seqlens"])
+        assert call["max_seqlen_q"] == call["max_seqlen_k"] == batch["max_seqlen"]
+
+
 # --- choose_attn_implementation ----------------------------------------------------------------------
 
 
@@ -319,6 +375,10 @@ def test_choose_auto(flash, varlen, device, expected, monkeypatch):
     monkeypatch.setattr(attention, "_flash_attn_available", lambda: flash)
     monkeypatch.setattr(attention, "_varlen_available", lambda: varlen)
     assert choose_attn_implementation("auto", device) == expected
+    assert choose_attn_implementation("auto", device, dtype=torch.bfloat16) == expected
+    # fp32 (torch_dtype float32): the CUDA flash kernels take none, so auto stays on sdpa
+    assert choose_attn_implementation("auto", device, dtype=torch.float32) == SDPA_VARLEN
+    assert choose_attn_implementation("auto", device, packing=False, dtype=torch.float32) == "sdpa"
 
 
 def test_choose_for_padded_batches(monkeypatch):
@@ -330,6 +390,38 @@ def test_choose_for_padded_batches(monkeypatch):
     for impl in (VARLEN, SDPA_VARLEN):
         with pytest.raises(ValueError, match="padded batches .packing: false. need 'sdpa'"):
             choose_attn_implementation(impl, "cuda", packing=False)
+
+
+def test_impossible_choices_are_config_errors_naming_the_key(monkeypatch):
+    """Every refusal is the project's ConfigError (the CLI: one line, exit 2), naming attn_implementation
+    and the value."""
+    from simpo_ds.config import ConfigError
+    from simpo_ds.shared_attention import FLEX, choose_shared_attn_implementation
+
+    installed = {"flash": False, "varlen": False}
+    monkeypatch.setattr(attention, "_flash_attn_available", lambda: installed["flash"])
+    monkeypatch.setattr(attention, "_varlen_available", lambda: installed["varlen"])
+    refusals = [lambda: choose_attn_implementation("flash", "cuda"),
+                lambda: choose_attn_implementation("flash_attention_2", "cpu"),
+                lambda: choose_attn_implementation("flash_attention_2", "cuda"),
+                lambda: choose_attn_implementation(VARLEN, "cpu"),
+                lambda: choose_attn_implementation(VARLEN, "cuda"),
+                lambda: choose_attn_implementation(SDPA_VARLEN, "cpu", packing=False),
+                lambda: choose_shared_attn_implementation(VARLEN, "cuda"),
+                lambda: choose_shared_attn_implementation(SDPA_VARLEN, "cpu"),
+                lambda: choose_shared_attn_implementation(FLEX, "cpu"),
+                lambda: choose_shared_attn_implementation("flex_attention", "cuda")]
+    for refuse in refusals:
+        with pytest.raises(ConfigError, match=r"^config key 'attn_implementation': '[a-z_0-9]+' ") as err:
+            refuse()
+        assert "\n" not in str(err.value)
+    installed.update(flash=True, varlen=True)  # a GPU node with both kernels, and a model in fp32
+    for impl in (VARLEN, "flash_attention_2"):
+        with pytest.raises(ConfigError, match=rf"^config key 'attn_implementation': '{impl}' runs a flash kernel, "
+                                              r"which takes float16/bfloat16 only, and the model is torch.float32 "
+                                              r"\(torch_dtype\): set torch_dtype bfloat16"):
+            choose_attn_implementation(impl, "cuda", dtype=torch.float32)
+        assert choose_attn_implementation(impl, "cuda", dtype=torch.bfloat16) == impl
 
 
 def test_choose_explicit(monkeypatch):

@@ -1,6 +1,6 @@
 """The SimPO loss, its step normalisation and metrics, against values derived by hand.
 
-Notation (DESIGN.md §1): r(y) = mean answer-token log-prob, z = r(y_w) - r(y_l) - gamma_beta_ratio,
+Notation (docs/design.md §1): r(y) = mean answer-token log-prob, z = r(y_w) - r(y_l) - gamma_beta_ratio,
 x = beta * z. softplus(x) = log(1 + e^x), so -logsigmoid(x) = softplus(-x) and
 -logsigmoid(-x) = softplus(x) = x + softplus(-x). Numbers used below (6 decimals)::
 

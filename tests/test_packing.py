@@ -1,4 +1,4 @@
-"""Packed and padded collation (DESIGN.md §3) and the step planner (§5), exactly and by property."""
+"""Packed and padded collation (docs/design.md §3) and the step planner (§5), exactly and by property."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
     }
 
 
-# DESIGN.md §3: pairs (P=2, C=3, R=1) and (P=1, C=2, R=2), with ids you can follow by eye.
+# docs/design.md §3: pairs (P=2, C=3, R=1) and (P=1, C=2, R=2), with ids you can follow by eye.
 EXAMPLE = [pair([10, 11], [20, 21, 22], [30]), pair([12], [23, 24], [31, 32])]
 
 

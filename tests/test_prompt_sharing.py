@@ -57,7 +57,7 @@ def pair(chosen_prompt, rejected_prompt, chosen, rejected) -> dict:
     }
 
 
-# The module docstring's example (DESIGN.md §3 pairs + a seam pair).
+# The module docstring's example (docs/design.md §3 pairs + a seam pair).
 EXAMPLE = [
     pair([10, 11], [10, 11], [20, 21, 22], [30]),
     pair([12], [12], [23, 24], [31, 32]),

@@ -1,4 +1,4 @@
-"""The chunked segment reducer (DESIGN.md §4): exact against full logits, and never T x V in memory.
+"""The chunked segment reducer (docs/design.md §4): exact against full logits, and never T x V in memory.
 
 ``reduce_sequence_logps(hidden [B, L, H], lm_head, pred_positions [N], pred_labels [N], pred_seq [N],
 seq_num_tokens [S], chunk_size)`` must equal the naive computation -- full logits [B*L, V],

@@ -20,6 +20,7 @@ from test_distributed import COMMON, ROOT, check_against_reference, free_port, l
 from test_distributed import assets, reference  # noqa: F401  (module fixtures)
 
 from simpo_ds import sequence_parallel as spm
+from simpo_ds.attention import SDPA_VARLEN
 from simpo_ds.data.packing import collate_packed
 
 SP2 = ["--sequence_parallel_size", "2"]
@@ -68,65 +69,89 @@ def test_slices_partition_the_labels_and_padding_carries_none():
     assert len(first["pred_positions"]) == 0 and long_prompt["input_ids"].shape[1] == 84
 
 
-def _worker(rank: int, port: int, world: int, kv_heads: int, queue) -> None:
+FA2 = "flash_attention_2"
+
+
+def _worker(rank: int, port: int, world: int, kv_heads: int, kernels: tuple, queue) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    import flash_attn_standin
     from tiny_models import tiny_model
 
-    from simpo_ds.attention import SDPA_VARLEN, attention_kwargs, register_attention
+    from simpo_ds.attention import attention_kwargs, register_attention
     from simpo_ds.model import SimPOPolicy
 
+    calls = flash_attn_standin.install_in_process()  # transformers' own flash_attention_2 path, on CPU
     register_attention()
     torch.set_num_threads(1)
     sp = spm.make_groups(world, rank, world)
-    name = spm.register(SDPA_VARLEN)
     errors = {}
-    for case, pairs in cases().items():
-        results = []
-        for sliced in (False, True):
-            model = tiny_model()
-            if kv_heads != model.config.num_key_value_heads:  # MQA: 1 kv head (repeated for every rank)
-                cfg = model.config
-                cfg.num_key_value_heads = kv_heads
-                torch.manual_seed(0)
-                model = type(model)(cfg).float()
-            model.config._attn_implementation = name if sliced else SDPA_VARLEN
-            batch = collate_packed(pairs)
-            if sliced:
-                batch = spm.pad_row(batch, world, 0)
-                batch["attention_kwargs"] = attention_kwargs(batch, SDPA_VARLEN)
-                batch = spm.slice_row(batch, sp)
-            policy = SimPOPolicy(model, chunk_size=4, attn_kwargs_fn=lambda b: attention_kwargs(b, SDPA_VARLEN),
-                                 sequence_parallel=sp if sliced else None)
-            if sliced:  # the lock-step chunk count both ranks run (as the trainer agrees it)
-                local = torch.tensor([len(batch["pred_positions"])])
-                dist.all_reduce(local, op=dist.ReduceOp.MAX)
-                batch["num_chunks"] = -(-int(local) // 4)
-            seq = policy(batch)
-            (seq.average * torch.arange(1.0, len(seq.average) + 1)).sum().backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            if sliced:  # a group's gradient is the sum of its ranks' gradients
-                for g in grads.values():
-                    dist.all_reduce(g)
-            results.append((seq.average.detach(), grads))
-        (ref, ref_grads), (got, got_grads) = results
-        errors[case] = max([float((got - ref).abs().max())] + [float((got_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-6))
-                                                              for n, g in ref_grads.items()])
+    for kernel in kernels:
+        name = spm.register(kernel)
+        for case, pairs in cases().items():
+            results = []
+            for sliced in (False, True):
+                model = tiny_model()
+                if kv_heads != model.config.num_key_value_heads:  # MQA: 1 kv head (repeated for every rank)
+                    cfg = model.config
+                    cfg.num_key_value_heads = kv_heads
+                    torch.manual_seed(0)
+                    model = type(model)(cfg).float()
+                model.config._attn_implementation = name if sliced else kernel
+                batch = collate_packed(pairs)
+                if sliced:
+                    batch = spm.pad_row(batch, world, 0)
+                    batch["attention_kwargs"] = attention_kwargs(batch, kernel)
+                    row_cu, row_tokens = batch["cu_seqlens"], batch["input_ids"].shape[1]
+                    batch = spm.slice_row(batch, sp)
+                policy = SimPOPolicy(model, chunk_size=4, attn_kwargs_fn=lambda b: attention_kwargs(b, kernel),
+                                     sequence_parallel=sp if sliced else None)
+                if sliced:  # the lock-step chunk count both ranks run (as the trainer agrees it)
+                    local = torch.tensor([len(batch["pred_positions"])])
+                    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+                    batch["num_chunks"] = -(-int(local) // 4)
+                calls.clear()
+                seq = policy(batch)
+                if sliced and kernel == FA2:  # the kernel ran on the gathered whole row, with its varlen kwargs
+                    heads = model.config.num_attention_heads // world
+                    ok = len(calls) == model.config.num_hidden_layers and all(
+                        c["fn"] == "flash_attn_varlen_func" and c["q_shape"][:2] == (row_tokens, heads)
+                        and torch.equal(c["cu_seqlens_q"], row_cu) and torch.equal(c["cu_seqlens_k"], row_cu)
+                        and c["max_seqlen_q"] == int((row_cu[1:] - row_cu[:-1]).max()) and c["causal"]
+                        for c in calls)
+                    errors[f"{kernel}/{case}/varlen-kwargs"] = 0.0 if ok else float("inf")
+                (seq.average * torch.arange(1.0, len(seq.average) + 1)).sum().backward()
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                if sliced:  # a group's gradient is the sum of its ranks' gradients
+                    for g in grads.values():
+                        dist.all_reduce(g)
+                results.append((seq.average.detach(), grads))
+            (ref, ref_grads), (got, got_grads) = results
+            errors[f"{kernel}/{case}"] = max([float((got - ref).abs().max())] + [
+                float((got_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-6)) for n, g in ref_grads.items()])
     queue.put((rank, errors))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,kv_heads", [(2, 2), (2, 1), (4, 2)],
-                         ids=["N2-kv-heads-split", "N2-mqa-kv-repeated", "N4-kv-repeated"])
-def test_sliced_row_equals_whole_row_logps_and_grads(world, kv_heads):
+@pytest.mark.parametrize("world,kv_heads,kernels", [(2, 2, (SDPA_VARLEN, FA2)), (2, 1, (SDPA_VARLEN,)),
+                                                    (4, 2, (SDPA_VARLEN,))],
+                         ids=["N2-kv-heads-split-sdpa_varlen-and-flash_attention_2", "N2-mqa-kv-repeated",
+                              "N4-kv-repeated"])
+def test_sliced_row_equals_whole_row_logps_and_grads(world, kv_heads, kernels):
     """Per-sequence log-probs and every parameter gradient (summed over the group) of the sliced row
-    == the whole row in one process (1e-5); N = 4 puts a slice on prompt tokens only."""
+    == the whole row in one process (1e-5), through the Ulysses wrapper of each kernel; N = 4 puts a
+    slice on prompt tokens only. ``flash_attention_2`` is transformers' own flash path over the CPU
+    stand-in of flash-attn (tests/flash_attn_standin.py): under the wrapper it must get the gathered
+    whole row and the row's cu_seqlens / max_seqlen (the wrapper's name once made transformers look
+    for a flash kernel called 'ulysses_flash_attention_2')."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(free_port(), world, kv_heads, queue), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), world, kv_heads, kernels, queue), nprocs=world,
+                       start_method="spawn")
     for _ in range(world):
         rank, errors = queue.get(timeout=60)
+        assert len(errors) == len(kernels) * len(cases()) + (len(cases()) if FA2 in kernels else 0)
         assert all(e <= 1e-5 for e in errors.values()), (rank, errors)
 
 

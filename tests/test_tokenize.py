@@ -1,4 +1,4 @@
-"""Rendering and tokenizing one pair (DESIGN.md §2). Expected ids are spelled out by hand from the
+"""Rendering and tokenizing one pair (docs/design.md §2). Expected ids are spelled out by hand from the
 vocabularies documented in tok_utils.py (letters a..j = 10..19; <s> 1, </s> 2)."""
 
 from types import SimpleNamespace

@@ -2,22 +2,27 @@
 
 The tokenizer (``simpo_ds.data.tokenize``) reads two shapes: **standard** (``prompt``, ``chosen``,
 ``rejected`` strings) and **conversational** (``chosen``/``rejected`` message lists of ``{role,
-content}``, with an optional ``prompt`` message list; a string ``prompt`` is ignored). Every other
-shape is adapted here, row by row, before validation::
+content}``, with an optional ``prompt``: a message list, or a string that becomes the user turn when
+the lists hold only the answers -- ``split_conversation``). Every other shape is adapted here, row by
+row, before validation::
 
-    ds, info = to_canonical(ds, "train.jsonl", drop_ties=False)
-    info == {"format": "standard, implicit prompt", "scores": "H4 score_chosen/score_rejected", "ties": 3}
+    ds, info = to_canonical(ds, "train.jsonl")
+    info == {"format": "H4 ultrafeedback_binarized", "rows": 1000, "scores": "H4 score_chosen/score_rejected",
+             "ties": 3, "tie_rows": [17, 250, 911], "ties_dropped": False}
 
 | format | detected by | adapted to |
 |---|---|---|
 | standard | string chosen/rejected + string prompt | as is |
 | standard, implicit prompt (Anthropic hh-rlhf) | string chosen/rejected, no prompt | prompt = their common prefix, cut back to the end of the last turn marker in it (``\\n\\nAssistant:``, ``<|im_start|>assistant\\n``, ``[/INST]``, ...) or else to the last whitespace, so no answer word moves into the prompt |
 | conversational (explicit or implicit prompt) | chosen holds ``{role, content}`` messages | as is |
-| H4 ultrafeedback_binarized | string prompt + ``{role, content}`` message lists | as is (the lists hold the prompt) |
-| ShareGPT | chosen holds ``{from, value}`` messages | ``{role, content}``: human/user -> user, gpt/assistant -> assistant, system |
+| H4 ultrafeedback_binarized | string prompt + ``{role, content}`` message lists | as is: the prompt is the messages before the answer; when they hold no user turn (the lists hold only the answers), the string is that user turn, else it is their copy |
+| ShareGPT | chosen holds ``{from, value}`` messages | ``{role, content}``: human/user -> user, gpt/assistant -> assistant, system; a string prompt is kept (as H4) |
 
 Scores (any format): argilla ``chosen-rating``/``rejected-rating`` or H4 ``score_chosen``/
-``score_rejected``. Equal scores (ties) are counted and warned about; ``drop_ties`` drops them.
+``score_rejected``. Equal scores (ties) are counted (``ties``, ``tie_rows``) and warned about;
+``drop_ties`` drops them here (``simpo_ds.data.load.prepare_pairs`` drops them after validation
+instead, so errors name file rows). The score columns themselves are NOT kept: only the pair columns
+are, since nothing after this step reads a score (the tie count is taken here, from the input rows).
 
 TRL's ``extract_prompt`` cuts at the first differing character (stepping back over one space), so
 when both answers start with the same word ("Yes, ..." / "Yes. ...") that word moves into the prompt
@@ -116,9 +121,12 @@ def _sharegpt_messages(messages, key: str, index: int, source: str) -> list[dict
 
 
 def _sharegpt_to_conversational(row: dict, index: int, source: str) -> dict:
+    """Messages to ``{role, content}``; a ``prompt`` column is converted when it is a message list and
+    kept as it is otherwise (a string prompt is the user turn when the lists hold only the answers)."""
     out = {k: _sharegpt_messages(row[k], k, index, source) for k in ("chosen", "rejected")}
-    if isinstance(row.get("prompt"), list):
-        out["prompt"] = _sharegpt_messages(row["prompt"], "prompt", index, source)
+    if "prompt" in row:
+        prompt = row["prompt"]
+        out["prompt"] = _sharegpt_messages(prompt, "prompt", index, source) if isinstance(prompt, list) else prompt
     return out
 
 
@@ -139,22 +147,21 @@ def _ties(ds: datasets.Dataset, chosen_col: str, rejected_col: str, source: str)
 def to_canonical(ds: datasets.Dataset, source: str, drop_ties: bool = False) -> tuple[datasets.Dataset, dict]:
     """Adapt ``ds`` to the standard or conversational shape -> (dataset, info).
 
-    ``info``: ``{"format": name, "scores": name or None, "ties": count, "ties_dropped": bool}``.
-    Only the pair columns are kept (plus the scores); a row that fits no format raises DataError
-    naming ``source``, the row and the key.
+    ``info``: ``{"format": name, "rows": rows of ds (before any drop), "scores": name or None,
+    "ties": count, "tie_rows": [row indices in ds], "ties_dropped": bool}``. Only the pair columns
+    (``prompt``, ``chosen``, ``rejected``) are kept: score columns are read for the tie count and
+    dropped. With ``drop_ties`` the tie rows are dropped here. A row that fits no format raises
+    DataError naming ``source``, the row and the key.
     """
     fmt = detect_format(ds, source)
-    info = {"format": fmt, "scores": None, "ties": 0, "ties_dropped": False}
+    info = {"format": fmt, "rows": len(ds), "scores": None, "ties": 0, "tie_rows": [], "ties_dropped": False}
     scores = _score_columns(ds)
     if scores is not None:
-        ties = _ties(ds, scores[0], scores[1], source)
-        info.update(scores=scores[2], ties=sum(ties))
-        if info["ties"]:
-            logger.warning("%s: %d pair(s) with equal chosen and rejected scores (%s)%s", source, info["ties"],
-                           scores[2], "; dropped (drop_ties: true)" if drop_ties else "; set drop_ties: true to drop them")
-        if drop_ties and info["ties"]:
-            ds = ds.select([i for i, tie in enumerate(ties) if not tie])
-            info["ties_dropped"] = True
+        tie_rows = [i for i, tie in enumerate(_ties(ds, scores[0], scores[1], source)) if tie]
+        info.update(scores=scores[2], ties=len(tie_rows), tie_rows=tie_rows)
+        if tie_rows:
+            logger.warning("%s: %d pair(s) with equal chosen and rejected scores (%s); drop_ties: true drops them",
+                           source, len(tie_rows), scores[2])
     keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
     ds = ds.select_columns(keep)
     if fmt == IMPLICIT:
@@ -162,4 +169,13 @@ def to_canonical(ds: datasets.Dataset, source: str, drop_ties: bool = False) -> 
     elif fmt == SHAREGPT:
         ds = ds.map(_sharegpt_to_conversational, with_indices=True, fn_kwargs={"source": source},
                     remove_columns=keep, desc="ShareGPT -> messages")
+    if drop_ties and info["tie_rows"]:
+        ds = without_rows(ds, info["tie_rows"])
+        info["ties_dropped"] = True
     return ds, info
+
+
+def without_rows(ds: datasets.Dataset, rows: list[int]) -> datasets.Dataset:
+    """``ds`` without the rows at the indices ``rows``."""
+    drop = set(rows)
+    return ds.select([i for i in range(len(ds)) if i not in drop])

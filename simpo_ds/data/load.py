@@ -1,23 +1,33 @@
 """Load preference pairs, check them, and tokenize them with ``datasets`` (no torch).
 
+    tokenized, record, report = prepare_pairs("data/train.jsonl", "data/train.jsonl", tokenizer, cfg)
+    # record == {"rows": 1000, "kept": 996, "format": "standard", "score_ties": 2, "ties_dropped": True,
+    #            "dropped": {"empty chosen answer after truncation": 2, "score tie (drop_ties: true)": 2}}
+
+``prepare_pairs`` is the trainer's whole path (one conversion per source, ``rows`` counted before any
+drop, ``rows == kept + sum(dropped)``); its steps are public too::
+
     ds = load_pairs("data/train.jsonl")             # or a dir, a .parquet, or "org/name:split"
     report = validate_columns(ds, "data/train.jsonl")
     tokenized, stats = tokenize_dataset(ds, tokenizer, cfg)
-    # stats == {"rows": 1000, "kept": 998, "dropped": {"empty chosen answer after truncation": 2}}
 
 Every problem is a ``DataError`` whose message names the spec/file, the column or the row.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import datasets
 
+from simpo_ds.data.formats import to_canonical
 from simpo_ds.data.tokenize import DataError, split_conversation, tokenize_row, tokenize_settings
+
+logger = logging.getLogger(__name__)
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MAX_ROWS_SHOWN = 5  # row indices quoted per problem kind
@@ -39,6 +49,14 @@ def _files_in_dir(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def read_files(builder: str, files: list[str], source: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
+    """The rows of ``files`` (one ``datasets`` builder: json or parquet), in file order."""
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    except Exception as e:  # malformed json, unreadable parquet, ...
+        raise DataError(f"{source}: could not read ({type(e).__name__}: {e})") from e
+
+
 def _load_local(path: Path, cache_dir: Optional[str]) -> datasets.Dataset:
     if path.is_dir():
         builder, files = _files_in_dir(path)
@@ -46,13 +64,12 @@ def _load_local(path: Path, cache_dir: Optional[str]) -> datasets.Dataset:
         builder, files = BUILDERS[path.suffix], [str(path)]
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(BUILDERS)})")
-    try:
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
-    except Exception as e:  # malformed json, unreadable parquet, ...
-        raise DataError(f"{path}: could not read ({type(e).__name__}: {e})") from e
+    return read_files(builder, files, str(path), cache_dir)
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
+    """True when ``spec`` can only mean a local path (starts with ``.``, ``/``, ``~`` or has a
+    data-file suffix), so it is never looked up on the hub."""
     return spec.startswith((".", "/", "~")) or Path(spec).suffix in BUILDERS
 
 
@@ -79,7 +96,7 @@ def load_pairs(spec: str, split_default: str = "train", *, cache_dir: Optional[s
     path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path, cache_dir)
-    if _looks_local(spec):
+    if looks_local(spec):
         raise DataError(f"{spec}: no such file or directory")
     return _load_hub(spec, split_default, cache_dir)
 
@@ -114,7 +131,7 @@ def _row_problems(row: dict, conversational: bool) -> list[tuple[str, bool]]:
     problems = [(f"non-string {k!r}", True) for k, v in fields.items() if not isinstance(v, str)]
     if problems:
         return problems
-    problems += [(f"empty {k!r}", False) for k, v in fields.items() if k != "prompt" and not v.strip()]
+    problems += [(f"empty {k!r}", False) for k, v in fields.items() if not v.strip()]
     if fields["chosen"] == fields["rejected"]:
         problems.append(("chosen == rejected", False))
     return problems
@@ -133,9 +150,10 @@ def validate_columns(ds: datasets.Dataset, source: str) -> dict:
 
     Required columns: ``chosen``, ``rejected`` and (unless conversational, i.e. ``chosen`` holds
     message lists) ``prompt``; the error names the missing column and lists those present.
-    Fatal row problems (non-string fields, malformed messages, a conversational prompt mismatch)
-    raise one ``DataError`` listing each kind with its count and first row indices. Warnings
-    (empty chosen/rejected, chosen == rejected) are only reported::
+    Fatal row problems (non-string fields, malformed messages, a conversational prompt mismatch or a
+    conversation without prompt messages) raise one ``DataError`` listing each kind with its count
+    and first row indices. Warnings (an empty standard ``prompt`` string, empty chosen/rejected,
+    chosen == rejected) are logged and reported::
 
         {"source": "train.jsonl", "rows": 1000, "format": "standard",
          "warnings": {"chosen == rejected": {"count": 3, "rows": [17, 250, 911]}}}
@@ -152,6 +170,8 @@ def validate_columns(ds: datasets.Dataset, source: str) -> dict:
                 entry["rows"].append(index)
     if fatal:
         raise DataError(f"{source}: bad rows: " + "; ".join(_describe(k, v) for k, v in fatal.items()))
+    for kind, entry in warnings.items():
+        logger.warning("%s: %s", source, _describe(kind, entry))
     kind = "conversational" if conversational else "standard"
     return {"source": source, "rows": len(ds), "format": kind, "warnings": warnings}
 
@@ -201,3 +221,83 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, cfg_like, num_proc: Option
         mapped = mapped.select(kept)
     stats = {"rows": len(ds), "kept": len(kept), "dropped": dict(dropped)}
     return mapped.remove_columns("drop_reason"), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's path: load -> adapt -> validate -> tokenize, with the data record
+# ---------------------------------------------------------------------------------------------
+
+TIE_REASON = "score tie (drop_ties: true)"
+Parts = Callable[[], list[tuple[str, datasets.Dataset]]]
+
+
+def prepare_pairs(source: Union[str, datasets.Dataset, Parts], name: str, tokenizer, cfg_like,
+                  num_proc: Optional[int] = None) -> tuple[datasets.Dataset, dict, dict]:
+    """Everything between a data source and the pairs the trainer trains on -> (tokenized, record, report).
+
+    ``source``: a spec for ``load_pairs``, a ``datasets.Dataset`` of rows as the user wrote them, or
+    a callable returning parts ``[(part name, rows)]`` (``simpo_ds.data.mixer.mixture_parts``). Each
+    part is adapted exactly once (``to_canonical``), validated and tokenized on its own, so an error
+    names the part (file) and its row; ``cfg_like.drop_ties`` drops score ties after that, so row
+    numbers stay the file's. ``name`` names the whole source in errors.
+
+    ``record`` (the trainer's ``data`` record): ``{"rows": rows read, before any drop, "kept": pairs
+    left, "dropped": {reason: count}, "format": detected format, "score_ties": count, "ties_dropped":
+    bool}``, with ``rows == kept + sum(dropped.values())``; several parts add ``"sources"`` (one such
+    record per part, with its ``"source"``) and join distinct formats with " + ". ``report``:
+    ``{"warnings": {kind: ...}}`` (``validate_columns``' warnings plus ``"score ties"``; kinds are
+    prefixed with the part name when there are several parts).
+    """
+    parts = source() if callable(source) else [(name, load_pairs(source) if isinstance(source, str) else source)]
+    prepared = [_prepare_part(part, raw, tokenizer, cfg_like, num_proc) for part, raw in parts]
+    record = _merge_records([p[1] for p in prepared])
+    warnings = {}
+    for _, part_record, part_warnings in prepared:
+        prefix = f"{part_record['source']}: " if len(prepared) > 1 else ""
+        warnings.update({prefix + kind: value for kind, value in part_warnings.items()})
+    tokenized = [p[0] for p in prepared]
+    tokenized = tokenized[0] if len(tokenized) == 1 else datasets.concatenate_datasets(tokenized)
+    if len(tokenized) == 0:
+        raise DataError(f"{name}: no trainable pairs left after tokenization ({record})")
+    return tokenized, record, {"warnings": warnings}
+
+
+def _prepare_part(source: str, raw: datasets.Dataset, tokenizer, cfg_like, num_proc: Optional[int]):
+    """(tokenized, record with "source", warnings) of one part; see ``prepare_pairs``."""
+    canonical, info = to_canonical(raw, source)
+    warnings = validate_columns(canonical, source)["warnings"]
+    if info["ties"]:
+        warnings["score ties"] = info["ties"]
+    try:
+        tokenized, stats = tokenize_dataset(canonical, tokenizer, cfg_like, num_proc=num_proc)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from e
+    drop_ties = bool(getattr(cfg_like, "drop_ties", False) and info["ties"])
+    if drop_ties:
+        tokenized, stats = _drop_rows(tokenized, stats, info["tie_rows"], TIE_REASON)
+    record = {"source": source, "rows": info["rows"], "kept": stats["kept"], "dropped": stats["dropped"],
+              "format": info["format"], "score_ties": info["ties"], "ties_dropped": drop_ties}
+    return tokenized, record, warnings
+
+
+def _drop_rows(tokenized: datasets.Dataset, stats: dict, rows: list[int], reason: str) -> tuple[datasets.Dataset, dict]:
+    """``tokenized`` without the input rows ``rows`` (its ``index`` column) still in it; counted under ``reason``."""
+    drop = set(rows)
+    keep = [k for k, index in enumerate(tokenized["index"]) if index not in drop]
+    removed = len(tokenized) - len(keep)
+    if not removed:
+        return tokenized, stats
+    return tokenized.select(keep), {**stats, "kept": len(keep), "dropped": {**stats["dropped"], reason: removed}}
+
+
+def _merge_records(records: list[dict]) -> dict:
+    """One record for all parts (``prepare_pairs``)."""
+    if len(records) == 1:
+        return {k: v for k, v in records[0].items() if k != "source"}
+    dropped = Counter()
+    for r in records:
+        dropped.update(r["dropped"])
+    return {"rows": sum(r["rows"] for r in records), "kept": sum(r["kept"] for r in records), "dropped": dict(dropped),
+            "format": " + ".join(dict.fromkeys(r["format"] for r in records)),
+            "score_ties": sum(r["score_ties"] for r in records), "ties_dropped": any(r["ties_dropped"] for r in records),
+            "sources": records}

@@ -12,7 +12,7 @@ all-gathers parameters in every forward: a rank with fewer forwards would hang t
 micro-batches split their fullest ones; a rank with nothing left to split (or no pairs at all) runs a
 zero-weight copy of a pair.
 
-**Packed collation** (DESIGN.md §3): ONE row per micro-batch, for each pair i: ``prompt_i+chosen_i``
+**Packed collation** (docs/design.md §3): ONE row per micro-batch, for each pair i: ``prompt_i+chosen_i``
 then ``prompt_i+rejected_i``. Example, pairs (P=2, C=3, R=1) and (P=1, C=2, R=2)::
 
     lengths      [5, 3, 3, 3]

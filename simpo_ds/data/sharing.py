@@ -8,7 +8,7 @@ see in the standard layout, so log-probs, loss and gradients are unchanged (up t
 - rejected attends to the prompt and to itself, NOT to chosen;
 - position ids are those of the unshared layout: rejected's continue from the prompt's end.
 
-The two prompts of a pair may differ in their last token (DESIGN.md §2, seam rule), and truncation
+The two prompts of a pair may differ in their last token (docs/design.md §2, seam rule), and truncation
 may shift them further: the SHARED part is their longest common prefix (length ``s``); the rest of
 each prompt stays in that answer's own part, unlabelled. Per token::
 

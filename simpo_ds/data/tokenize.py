@@ -3,7 +3,7 @@
 Pure Python: this module uses a Hugging Face tokenizer object and the standard library only (no
 torch), so it runs inside ``datasets.map`` worker processes.
 
-Two steps (DESIGN.md §2):
+Two steps (docs/design.md §2):
 
 1. ``render_pair(row, tokenizer)`` -> ``(prompt_text, chosen_text, rejected_text)``: standard rows
    pass through; conversational rows (message lists) go through the chat template.
@@ -45,10 +45,17 @@ def split_conversation(row: dict) -> tuple[list, dict, dict]:
     """Split a conversational row into ``(prompt_messages, chosen_message, rejected_message)``.
 
     The answers are the last message of ``chosen`` / ``rejected`` (role must be ``assistant``).
-    The prompt is the row's ``prompt`` when that is itself a message list, else ``chosen[:-1]``;
-    every message before the answer, in ``chosen`` and in ``rejected``, must equal that prompt
-    (a string ``prompt`` column, as in ultrafeedback_binarized, is ignored). Raises ``DataError``
-    naming the mismatching key. The returned prompt list is a fresh copy.
+    The prompt is, in this order:
+
+    - the row's ``prompt`` when that is itself a message list; every message before the answer, in
+      ``chosen`` and in ``rejected``, must then be none or equal that list;
+    - else ``chosen[:-1]`` (``rejected[:-1]`` must equal it), and when the row has a string
+      ``prompt`` (H4 ``ultrafeedback_binarized``) and those messages hold no user turn, the string
+      is appended as ``{"role": "user", "content": prompt}`` (TRL's rule for a string prompt with
+      conversational answers). When they do hold one, the string is their copy and is not added.
+
+    Raises ``DataError`` naming the mismatching key, or when the prompt has no message (the row
+    holds only the answers and no non-empty prompt). The returned prompt list is a fresh copy.
     """
     chosen, rejected = row.get("chosen"), row.get("rejected")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
@@ -66,6 +73,12 @@ def split_conversation(row: dict) -> tuple[list, dict, dict]:
                 f"conversational prompt mismatch: '{key}'[:-1] ({len(before)} messages) differs from "
                 f"{source} ({len(prompt)} messages)"
             )
+    text = row.get("prompt")
+    if not explicit and isinstance(text, str) and text.strip() and not any(m["role"] == "user" for m in prompt):
+        prompt.append({"role": "user", "content": text})
+    if not prompt:
+        raise DataError("empty prompt: 'chosen'/'rejected' hold only the answer and there is no non-empty "
+                        "'prompt' (a string or a message list)")
     return prompt, chosen[-1], rejected[-1]
 
 

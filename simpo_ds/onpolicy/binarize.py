@@ -36,6 +36,7 @@ from simpo_ds.data.tokenize import DataError, is_conversation
 from simpo_ds.onpolicy.jobs import command, read_jsonl, write_atomic, write_jsonl
 from simpo_ds.onpolicy.score import OUTPUT as SCORED
 
+OUTPUTS = ("train.jsonl", "test.jsonl", "report.md", "margins.png", "stats.json")
 IDENTICAL, TIED, SAME_TEXT, EMPTY = ("all answers identical", "all scores tied", "best and worst answers identical",
                                      "empty best or worst answer")
 
@@ -157,15 +158,29 @@ def plot_margins(margins: list[float], path: Path) -> None:
     tmp.replace(path)
 
 
+def _check_out(out: Path, source: Path) -> None:
+    """OUT may hold binarize's files only when binarize wrote them (its ``stats.json`` is there):
+    never the input, never a ``train.jsonl`` (or any other of ``OUTPUTS``) of the user's own."""
+    outputs = [out / name for name in OUTPUTS]
+    if any(p.resolve() == source.resolve() for p in outputs):
+        raise DataError(f"--out {out} would overwrite the input {source}: choose another directory")
+    try:
+        ours = {"prompts", "pairs", "dropped"} <= set(json.loads((out / "stats.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    theirs = [p for p in outputs if p.exists()] if not ours else []
+    if theirs:
+        raise DataError(f"{theirs[0]} exists and was not written by simpo-ds binarize (no binarize stats.json "
+                        f"beside it): choose another --out directory")
+
+
 def run(args) -> dict:
     source = Path(args.data)
     source = source / SCORED if source.is_dir() else source
     if not source.is_file():
         raise DataError(f"--data {args.data}: no {SCORED} there (run simpo-ds score first)")
     out = Path(args.out)
-    outputs = [out / name for name in ("train.jsonl", "test.jsonl", "report.md", "margins.png", "stats.json")]
-    if any(p.resolve() == source.resolve() for p in outputs):
-        raise DataError(f"--out {out} would overwrite the input {source}: choose another directory")
+    _check_out(out, source)
     if not 0 <= args.test_size:
         raise DataError(f"--test_size {args.test_size}: must be >= 0 (a fraction, or a row count when >= 1)")
     rows = read_jsonl(source)

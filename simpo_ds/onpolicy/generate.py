@@ -16,22 +16,25 @@ generation prompt, BOS as training encodes it). Each batch of prompts (a job uni
 batches are the same for any number of ranks: 1 rank, 8 ranks and a resumed run give the same
 answers. Backend: vLLM when it is installed and a GPU is present (``--backend auto``), else
 transformers batched generation (left padding, KV cache, batches by prompt length). Sampling is
-plain temperature + top-p (no top-k, no repetition penalty, whatever the model's generation_config
-says), as the reference's vLLM decoding.
+plain temperature + top-p on both backends (no top-k, no penalty, no minimum length, whatever the
+model's generation_config says; only its eos ids are kept), as the reference's vLLM decoding. The
+backend and the dtype ``auto`` resolve to are part of the settings a resume must match.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, encode_prompt, render_generation_prompt
-from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
-                                   rank_and_world, write_jsonl)
+from simpo_ds.onpolicy.jobs import (DTYPES, Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
+                                   rank_and_world, resolve_dtype, write_jsonl)
 from simpo_ds.onpolicy.prompts import load_prompts
 
 OUTPUT = "generations.jsonl"
@@ -45,14 +48,16 @@ def unit_seed(seed: int, prompt_ids: list[str]) -> int:
 
 
 def pick_backend(name: str) -> str:
+    """The backend ``--backend`` means on this machine: ``auto`` = vllm when it is installed and a GPU
+    is present, else transformers. Looked up without importing vLLM."""
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not has_vllm:
+        raise DataError("--backend vllm: vllm is not installed (pip install vllm, or --backend transformers)")
     if name != "auto":
         return name
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
+    return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
 
 
 class TransformersSampler:
@@ -68,12 +73,22 @@ class TransformersSampler:
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = sorted(set(eos + [tokenizer.eos_token_id]) - {None})
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        if not self.eos:
+            raise DataError(f"--model {args.model}: neither its tokenizer nor its generation_config has an eos "
+                            f"token, so an answer could never end")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        # left padding is masked out, so any id the embedding has will do: the tokenizer's pad, else an eos
+        usable = [i for i in [tokenizer.pad_token_id, *self.eos] if i is not None and 0 <= i < vocab]
+        self.pad = usable[0] if usable else self.eos[0]
         self.config = GenerationConfig(
             do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
             max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
             pad_token_id=self.pad, eos_token_id=self.eos,
         )
+        # generate() fills every field left unset here from the model's own generation_config
+        # (repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids, ...): replace it, so
+        # the unset fields take transformers' neutral defaults and the sampling is exactly the above.
+        self.model.generation_config = self.config
 
     def sample(self, prompt_ids: list[list[int]], seed: int) -> list[list[tuple[str, bool]]]:
         """K (text, finished) per prompt."""
@@ -100,7 +115,9 @@ class VllmSampler:
     def __init__(self, args, tokenizer, local_rank: int):
         from vllm import LLM, SamplingParams
 
-        self.llm = LLM(model=args.model, seed=args.seed, dtype=args.dtype)  # on the one GPU pin_gpu left visible
+        # on the one GPU pin_gpu left visible; the dtype resolved as for transformers (vLLM's own "auto"
+        # would take the checkpoint's); explicit SamplingParams: vLLM adds the model's eos ids, nothing else
+        self.llm = LLM(model=args.model, seed=args.seed, dtype=resolve_dtype(args.dtype))
         self.params, self.args = SamplingParams, args
 
     def sample(self, prompt_ids: list[list[int]], seed: int) -> list[list[tuple[str, bool]]]:
@@ -111,11 +128,15 @@ class VllmSampler:
         return [[(o.text.strip(), o.finish_reason == "stop") for o in out.outputs] for out in outputs]
 
 
-def _settings(args, prompts: list[dict]) -> dict:
+def _settings(args, prompts: list[dict], template) -> dict:
+    """What the answers depend on: a resume must match every entry. ``backend`` and ``dtype`` as
+    resolved on this machine; the chat template by its text (a template file may change)."""
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
     keys = ("model", "num_samples", "temperature", "top_p", "max_new_tokens", "seed", "batch_size",
-            "auto_insert_empty_system_msg", "chat_template", "dtype")
-    return {**{k: getattr(args, k) for k in keys}, "prompts": len(prompts), "prompt_ids_sha256": ids}
+            "auto_insert_empty_system_msg")
+    return {**{k: getattr(args, k) for k in keys}, "backend": pick_backend(args.backend),
+            "dtype": resolve_dtype(args.dtype), "prompts": len(prompts), "prompt_ids_sha256": ids,
+            "chat_template_sha256": hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()}
 
 
 def _check(args) -> None:
@@ -144,14 +165,14 @@ def run(args) -> Path:
                                                                     args.auto_insert_empty_system_msg))
                   for p in prompts]
     out = Path(args.out)
-    job = Job(out / "generations.parts", _settings(args, prompts))
+    job = Job(out / "generations.parts", _settings(args, prompts, tokenizer.chat_template), out / OUTPUT, "generate")
     batches = length_batches([len(ids) for ids in prompt_ids], [p["prompt_id"] for p in prompts], args.batch_size)
     todo = job.todo(len(batches), rank, world)
     print(f"generate: rank {rank}/{world}: {len(prompts)} prompts in {len(batches)} batches, "
           f"{len(todo)} to do here", flush=True)
     if todo:
-        backend = pick_backend(args.backend)
-        sampler = (VllmSampler if backend == "vllm" else TransformersSampler)(args, tokenizer, local_rank)
+        sampler = (VllmSampler if job.settings["backend"] == "vllm" else TransformersSampler)(args, tokenizer,
+                                                                                               local_rank)
         for done, unit in enumerate(todo, 1):
             start, members = time.perf_counter(), batches[unit]
             ids = [prompts[i]["prompt_id"] for i in members]
@@ -167,7 +188,8 @@ def run(args) -> Path:
         return out / OUTPUT
     rows = sorted(job.read_units(len(batches)), key=lambda r: r["prompt_id"])
     if [r["prompt_id"] for r in rows] != [p["prompt_id"] for p in prompts]:
-        raise DataError(f"{job.units}: the unit files do not hold each prompt exactly once; delete {out} and rerun")
+        raise DataError(f"{job.units}: the unit files do not hold each prompt exactly once; delete {job.root} "
+                        f"and rerun")
     write_jsonl(out / OUTPUT, rows)
     print(f"generate: wrote {len(rows)} prompts x {args.num_samples} answers to {out / OUTPUT}", flush=True)
     return out / OUTPUT
@@ -185,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch_size", type=int, default=16, help="prompts per batch (each gives num_samples rows)")
     p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--auto_insert_empty_system_msg", type=parse_bool, default=True)
     p.add_argument("--chat_template", default=None, help="a jinja template (or a file) replacing the tokenizer's")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (by prompt_id)")

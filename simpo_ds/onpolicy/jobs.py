@@ -8,7 +8,8 @@ finish (any rank that sees every unit on disk) merges them into the output file,
 No process group: ranks only share the directory, so any launcher works (torchrun, deepspeed, srun,
 or several plain processes with RANK/WORLD_SIZE set).
 
-    job = Job(Path(out) / "generations.parts", settings)       # refuses a directory made with other settings
+    job = Job(Path(out) / "generations.parts", settings, Path(out) / "generations.jsonl", "generate")
+    # ^ refuses a directory made with other settings, and an output file another tool wrote
     for u in job.todo(num_units, rank, world):
         job.write_unit(u, records)
     if job.complete(num_units):
@@ -99,12 +100,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 class Job:
     """The unit files of one step (``root``: ``OUT/generations.parts``, ``OUT/scored.parts``) and the settings they
-    were made with (a rerun with other settings would mix two distributions: refused)."""
+    were made with (a rerun with other settings would mix two distributions: refused). ``output``, the
+    file the units merge into, may only be replaced when this job wrote it: an existing one without
+    ``root/settings.json`` beside it belongs to someone else (refused, nothing created)."""
 
-    def __init__(self, root: Path, settings: dict):
-        self.root, self.units = root, root / "units"
-        self.units.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, settings: dict, output: Path, tool: str):
         path = root / SETTINGS
+        if output.exists() and not path.exists():
+            raise DataError(f"{output} exists and was not written by simpo-ds {tool} (no {path}): choose "
+                            f"another output, or move that file away")
+        self.root, self.units, self.settings = root, root / "units", settings
+        self.units.mkdir(parents=True, exist_ok=True)
         if path.exists():
             saved = json.loads(path.read_text())
             changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
@@ -139,14 +145,27 @@ def length_batches(lengths: list[int], keys: list[str], batch_size: int) -> list
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype ``--dtype`` means on this machine: ``auto`` = bfloat16 with a GPU, float32 without.
+    What a resume check compares (a requeue on another kind of node resolves ``auto`` differently)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return dtype
+
+
 def device_and_dtype(local_rank: int, dtype: str):
-    """(this rank's device, the torch dtype of ``dtype``: auto = bf16 on a GPU, fp32 on CPU)."""
+    """(this rank's device, the torch dtype of ``dtype`` as ``resolve_dtype`` resolves it)."""
     import torch
 
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, dtype)
+    return device, getattr(torch, resolve_dtype(dtype))
 
 
 def parse_bool(text: str) -> bool:

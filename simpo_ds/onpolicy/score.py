@@ -9,9 +9,11 @@ with ``all_rm_scores`` (one float per answer). Sharded and resumable like ``gene
 
 Reward model: any ``AutoModelForSequenceClassification``. Each conversation (the prompt messages +
 the answer as an assistant turn) is rendered by the REWARD MODEL's own chat template and encoded as
-``apply_chat_template(tokenize=True)`` encodes it; batches of similar length are right-padded with its
-pad token (one conversation at a time when it has none, so padding never changes a score). The score
-is ``output.score`` when the model returns one (ArmoRM's custom head, ``trust_remote_code``, as its card
+``apply_chat_template(tokenize=True)`` encodes it. A score is what the model gives the conversation
+alone: batches of similar length are right-padded with ``config.pad_token_id``, the id its head
+looks for to find the last token (not the tokenizer's pad, which may differ), and conversations are
+scored one at a time when the config has no usable pad id (see ``head_pad_id``). The score is
+``output.score`` when the model returns one (ArmoRM's custom head, ``trust_remote_code``, as its card
 reads it), else ``output.logits[:, 0]`` of a one-label head. A scorer ``fn(prompt, response) -> float``
 gets the row's ``prompt`` (a string, or the message list) and one answer.
 """
@@ -28,8 +30,8 @@ from pathlib import Path
 
 from simpo_ds.data.tokenize import DataError, is_conversation
 from simpo_ds.onpolicy.generate import OUTPUT as GENERATIONS
-from simpo_ds.onpolicy.jobs import (Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
-                                   rank_and_world, read_jsonl, write_jsonl)
+from simpo_ds.onpolicy.jobs import (DTYPES, Job, command, device_and_dtype, length_batches, parse_bool, pin_gpu,
+                                   rank_and_world, read_jsonl, resolve_dtype, write_jsonl)
 
 OUTPUT = "scored.jsonl"
 
@@ -51,12 +53,31 @@ def read_generations(path: Path) -> list[dict]:
     return rows
 
 
+def head_pad_id(config) -> int | None:
+    """The id to right-pad a batch with so that every score is the one the conversation gets alone;
+    None: score one at a time.
+
+    transformers' sequence-classification heads read the score at the last token that is not
+    ``config.pad_token_id`` (transformers 5; remote-code heads such as ArmoRM's: the token before the
+    first pad id). Right-padding with that id moves neither position, even where the id also occurs in
+    the text, and a causal model's states before the padding do not see it: batched == alone, exactly.
+    Any other pad id (the tokenizer's, when it differs) is read as a real token: the score of a shorter
+    answer would come from a padding position. A config without a pad id, or with one outside the
+    vocabulary (e.g. -1), leaves no id to pad with."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    pad, vocab = getattr(text, "pad_token_id", None), getattr(text, "vocab_size", None)
+    if isinstance(pad, int) and pad >= 0 and (vocab is None or pad < vocab):
+        return pad
+    return None
+
+
 class RewardModel:
-    """A sequence-classification reward model on this rank's device."""
+    """A sequence-classification reward model on this rank's device. ``pad``: the id batches are
+    right-padded with (``head_pad_id``), None when conversations are scored one at a time."""
 
     def __init__(self, path: str, dtype: str, local_rank: int, trust_remote_code: bool):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.torch = torch
         self.device, torch_dtype = device_and_dtype(local_rank, dtype)
@@ -66,28 +87,26 @@ class RewardModel:
         self.path, self.model = path, None
         self.load = lambda: AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        self.pad = self.tokenizer.pad_token_id
+        self.pad = head_pad_id(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
     def _ready(self) -> None:
         """Load the weights at the first batch (a rerun with nothing left to score never does)."""
         if self.model is None:
             self.model = self.load()
-            if self.pad is None:
-                self.pad = self.model.config.pad_token_id
 
     def encode(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def scores(self, batch: list[list[int]]) -> list[float]:
-        """One reward per token-id list (right-padded together, or one by one without a pad token)."""
+        """One reward per token-id list: right-padded together with ``self.pad``, or one by one
+        (unpadded) without one. input_ids, attention_mask: [len(batch), longest]."""
         self._ready()
         if self.pad is None and len(batch) > 1:
             return [s for ids in batch for s in self.scores([ids])]
         torch = self.torch
         width = max(len(ids) for ids in batch)
-        pad = self.pad if self.pad is not None else 0
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
+        input_ids = torch.tensor([ids + [self.pad] * (width - len(ids)) for ids in batch], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=self.device)
         with torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=mask)
@@ -128,6 +147,24 @@ def _checked(value, where: str) -> float:
     return float(value)
 
 
+def _source_sha256(fn) -> str | None:
+    """sha256 of the file a scorer function is defined in (a rerun with edited rules is another run)."""
+    path = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def _warn_pad_in_text(model: RewardModel, encoded: list[list[int]]) -> None:
+    """Say so when the head's pad id is a token of the conversations: its head then reads the score
+    before that token (batched or alone alike), not at the conversation's last token."""
+    hits = sum(model.pad in ids for ids in encoded)
+    if hits:
+        token = model.tokenizer.convert_ids_to_tokens(model.pad)
+        print(f"score: warning: the reward model's config.pad_token_id {model.pad} ({token!r}) occurs inside "
+              f"{hits} of {len(encoded)} conversations: its head reads those scores before a pad id (transformers: "
+              f"at the last token that is not one), not at the last token, as it does for each conversation "
+              f"alone", flush=True)
+
+
 def _input_path(data: str) -> Path:
     path = Path(data)
     path = path / GENERATIONS if path.is_dir() else path
@@ -148,17 +185,22 @@ def run(args) -> Path:
     rank, world, local_rank = rank_and_world()
     local_rank = pin_gpu(local_rank, world)
     items = [(r, k) for r in range(len(rows)) for k in range(len(rows[r]["all_generated_responses"]))]
-    settings = {"reward_model": args.reward_model, "scorer": args.scorer, "batch_size": args.batch_size,
-                "dtype": args.dtype, "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
-    job = Job(out.with_name(out.stem + ".parts"), settings)
     scorer = load_scorer(args.scorer) if args.scorer else None
     model = None if scorer else RewardModel(args.reward_model, args.dtype, local_rank, args.trust_remote_code)
+    settings = {"reward_model": args.reward_model, "scorer": args.scorer, "batch_size": args.batch_size,
+                "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                **({"scorer_sha256": _source_sha256(scorer)} if scorer else
+                   {"dtype": resolve_dtype(args.dtype), "pad_token_id": model.pad,
+                    "trust_remote_code": args.trust_remote_code})}
+    job = Job(out.with_name(out.stem + ".parts"), settings, out, "score")
 
     def conversation(item):
         row, k = rows[item[0]], item[1]
         return row["messages"] + [{"role": "assistant", "content": row["all_generated_responses"][k]}]
 
     encoded = [model.encode(conversation(it)) for it in items] if model else None
+    if model and model.pad is not None:
+        _warn_pad_in_text(model, encoded)
     lengths = [len(e) for e in encoded] if model else [len(rows[r]["all_generated_responses"][k]) for r, k in items]
     batches = length_batches(lengths, [f"{rows[r]['prompt_id']}:{k:04d}" for r, k in items], args.batch_size)
     todo = job.todo(len(batches), rank, world)
@@ -194,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="module:function or file.py:function, fn(prompt, response) -> float")
     p.add_argument("--out", default=None, help=f"output file (default: {OUTPUT} beside the input)")
     p.add_argument("--batch_size", type=int, default=8, help="conversations per forward")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--trust_remote_code", type=parse_bool, default=False, help="needed for ArmoRM's custom head")
     return p
 
