@@ -7,7 +7,7 @@ env:
 demo:
 	bash launch/demo.sh
 
-# Installs the test dependencies into .venv, then runs the whole suite (CPU, ~35 min on 2 cores; Slurm tests skip without slurmctld).
+# Installs the test dependencies into .venv, then runs the whole suite (CPU, ~26 min on 2 cores; Slurm tests skip without slurmctld).
 test: env
 	WANDB_MODE=disabled .venv/bin/python -m pytest -q --durations=10 tests
 
