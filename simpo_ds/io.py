@@ -40,8 +40,11 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def staging_dir(out_dir: str | Path) -> Path:
-    """A new, empty hidden directory beside ``out_dir`` (same filesystem, so renames are atomic)."""
+    """A new, empty hidden directory on ``out_dir``'s filesystem (so renames are atomic): inside an
+    existing ``out_dir`` (a mount point or a volume works), else beside it."""
     out_dir = Path(out_dir).resolve()
+    if out_dir.is_dir():
+        return Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
 
@@ -61,10 +64,12 @@ def install_model_files(staged: Path, out_dir: str | Path) -> list[str]:
         os.replace(staged, out_dir)
         return []
     written = {p.name for p in staged.iterdir()}
+    for name in sorted(written):  # every conflict before anything moves
+        if (out_dir / name).is_dir() and not (staged / name).is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+            raise IsADirectoryError(f"cannot export the model to {out_dir}: {out_dir / name} is a directory")
     for name in sorted(written):
         target = out_dir / name
-        if target.is_dir() and not (staged / name).is_dir():
-            raise IsADirectoryError(f"cannot export the model to {out_dir}: {target} is a directory")
         if (staged / name).is_dir():  # rare (a sub-folder of a custom save_pretrained): swapped whole
             shutil.rmtree(target, ignore_errors=True)
         os.replace(staged / name, target)

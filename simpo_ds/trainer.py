@@ -344,7 +344,7 @@ class Trainer:
     def _final_export(self) -> None:
         """The end of a run: ``output_dir/final/`` (save_final) and its upload (push_to_hub, rank 0).
         The Python API's ``SimPOTrainer`` leaves both to the script (``save_model``, ``push_to_hub``)."""
-        if self.cfg.save_final:
+        if self.EXPORTS_FINAL and self.cfg.save_final:
             final = Path(self.cfg.output_dir) / FINAL
             self.export(final)
             if self.cfg.push_to_hub and self.rank == 0:
